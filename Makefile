@@ -1,0 +1,65 @@
+# kvmhost.usb — `make demo` shows it work on the built-in test host, `make test` runs every tier.
+# Both set up what they need on a fresh Debian 12 machine as root; re-runs skip what is there.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMPS := build/.stamps
+COLLECTIONS := build/collections
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/$(COLLECTIONS)
+
+.PHONY: all setup libvirtd collection-link demo test unit sanity lint docs build integration molecule benchmark clean
+
+all: test
+
+$(STAMPS)/debian: scripts/install-debian-packages.sh
+	scripts/install-debian-packages.sh
+	@mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/venv: requirements-dev.txt $(STAMPS)/debian
+	test -x $(PY) || /usr/bin/python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel
+	$(PY) -m pip install -q -r requirements-dev.txt
+	@mkdir -p $(STAMPS) && touch $@
+
+setup: $(STAMPS)/venv libvirtd collection-link
+
+libvirtd: $(STAMPS)/debian
+	scripts/start-libvirtd.sh
+
+collection-link:
+	@mkdir -p $(COLLECTIONS)/ansible_collections/kvmhost
+	@ln -sfn $(CURDIR) $(COLLECTIONS)/ansible_collections/kvmhost/usb
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+sanity: setup
+	scripts/sanity.sh
+
+lint: setup
+	$(VENV)/bin/ansible-lint --profile production
+
+docs: setup
+	scripts/check-docs.sh
+
+build: setup
+	$(VENV)/bin/ansible-galaxy collection build --force --output-path build/dist .
+
+integration: setup
+	$(PY) -m pytest -q tests/integration
+
+molecule: setup
+	cd extensions && ../$(VENV)/bin/molecule test --all
+
+benchmark: setup
+	$(PY) benchmarks/usb_facts_enumeration.py
+
+demo: setup
+	$(PY) -m tests.testhost.demo
+
+test: setup unit sanity lint docs integration molecule
+
+clean:
+	rm -rf build

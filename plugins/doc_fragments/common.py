@@ -1,0 +1,50 @@
+# Copyright (c) 2026, kvmhost.usb contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+
+class ModuleDocFragment:
+
+    LIBVIRT = r"""
+options:
+  uri:
+    description:
+      - The libvirt connection URI on the managed host.
+    type: str
+    default: qemu:///system
+requirements:
+  - libvirt-python on the managed host (Debian/Ubuntu and RHEL family package C(python3-libvirt)).
+"""
+
+    PYUDEV = r"""
+requirements:
+  - pyudev on the managed host (Debian/Ubuntu and RHEL family package C(python3-pyudev)).
+"""
+
+    SELECTOR = r"""
+notes:
+  - >-
+    A device selector is a dict with any of the keys C(id), C(vendor_id), C(product_id), C(serial),
+    C(port) and C(address); every key given must match, and exactly one device of the host must match.
+    For ad-hoc commands a selector may also be a string: an C(id), C(vvvv:pppp), C(BBB:DDD) or a port path such as C(2-1.4).
+  - >-
+    Quote vendor and product ids in YAML (C(vendor_id: "0627")): an unquoted C(0627) is read as an octal number.
+  - Hubs and root hubs are never passed through.
+"""
+
+    ATTRIBUTES = r"""
+options: {}
+attributes:
+  check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
+  diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
+"""
+
+    FACTS = r"""
+options: {}
+attributes:
+  facts:
+    description: Action returns an C(ansible_facts) dictionary that will update existing host facts.
+"""

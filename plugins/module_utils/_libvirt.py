@@ -1,0 +1,127 @@
+# Copyright (c) 2026, kvmhost.usb contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""libvirt access through libvirt-python: connections, domains and their USB hostdevs."""
+
+from __future__ import annotations
+
+import traceback
+import xml.etree.ElementTree as ET
+
+LIBVIRT_IMPORT_ERROR = None
+try:
+    import libvirt
+except ImportError:
+    libvirt = None
+    LIBVIRT_IMPORT_ERROR = traceback.format_exc()
+
+LIBVIRT_REQUIREMENT = "libvirt-python (Debian/Ubuntu: python3-libvirt, RHEL family: python3-libvirt, or pip install libvirt-python)"
+
+
+class LibvirtError(Exception):
+    """libvirt could not be reached or refused an operation; the message is libvirt's."""
+
+
+def _quiet(ctx, error):
+    # libvirt prints every error to stderr by default; the modules report them instead.
+    return None
+
+
+def connect(uri):
+    if libvirt is not None:
+        libvirt.registerErrorHandler(_quiet, None)
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as error:
+        raise LibvirtError("Cannot connect to libvirt at %s: %s" % (uri, error.get_error_message() or error))
+
+
+def domain_state_name(domain):
+    state = domain.state()[0]
+    names = {
+        libvirt.VIR_DOMAIN_RUNNING: "running",
+        libvirt.VIR_DOMAIN_BLOCKED: "running",
+        libvirt.VIR_DOMAIN_PAUSED: "paused",
+        libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
+        libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+        libvirt.VIR_DOMAIN_CRASHED: "crashed",
+        libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+    }
+    return names.get(state, "unknown")
+
+
+def domain_xml(domain, inactive=False):
+    flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+    return domain.XMLDesc(flags)
+
+
+def usb_hostdevs(xml_text):
+    """The USB hostdevs of a domain XML, each as vendor_id, product_id, bus, device (None when absent)."""
+    root = ET.fromstring(xml_text)
+    hostdevs = []
+    for hostdev in root.findall("./devices/hostdev[@type='usb']"):
+        source = hostdev.find("source")
+        if source is None:
+            continue
+        vendor = source.find("vendor")
+        product = source.find("product")
+        address = source.find("address")
+        hostdevs.append(
+            {
+                "vendor_id": _hex4(vendor.get("id")) if vendor is not None else None,
+                "product_id": _hex4(product.get("id")) if product is not None else None,
+                "bus": _int(address.get("bus")) if address is not None else None,
+                "device": _int(address.get("device")) if address is not None else None,
+                "startup_policy": source.get("startupPolicy"),
+                "alias": _alias(hostdev),
+            }
+        )
+    return hostdevs
+
+
+def _alias(element):
+    alias = element.find("alias")
+    return alias.get("name") if alias is not None else None
+
+
+def _hex4(value):
+    if value is None:
+        return None
+    return "%04x" % int(value, 16 if value.lower().startswith("0x") else 10)
+
+
+def _int(value):
+    if value is None:
+        return None
+    return int(value, 0) if value.lower().startswith("0x") else int(value)
+
+
+def hostdev_matches(hostdev, device):
+    """Whether a hostdev designates a device: by bus/device when it has an address, else by vendor/product."""
+    if hostdev["bus"] is not None and hostdev["device"] is not None:
+        if (hostdev["bus"], hostdev["device"]) != (device["bus"], device["device"]):
+            return False
+        return hostdev["vendor_id"] is None or hostdev["vendor_id"] == device["vendor_id"]
+    return hostdev["vendor_id"] == device["vendor_id"] and hostdev["product_id"] == device["product_id"]
+
+
+def list_domain_hostdevs(conn):
+    """Every domain with its USB hostdevs, live (running XML) and persistent (inactive XML) apart."""
+    domains = []
+    for domain in conn.listAllDomains(0):
+        live = usb_hostdevs(domain_xml(domain)) if domain.isActive() else []
+        persistent = usb_hostdevs(domain_xml(domain, inactive=True)) if domain.isPersistent() else []
+        domains.append({"name": domain.name(), "live": live, "persistent": persistent})
+    return domains
+
+
+def add_attachments(devices, domains):
+    """Set ``attached_to`` on every device: the names of the domains whose hostdevs designate it."""
+    for device in devices:
+        device["attached_to"] = {
+            "live": sorted(domain["name"] for domain in domains if any(hostdev_matches(h, device) for h in domain["live"])),
+            "persistent": sorted(
+                domain["name"] for domain in domains if any(hostdev_matches(h, device) for h in domain["persistent"])
+            ),
+        }
+    return devices

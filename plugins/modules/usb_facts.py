@@ -1,0 +1,247 @@
+#!/usr/bin/python
+# Copyright (c) 2026, kvmhost.usb contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: usb_facts
+short_description: List the USB devices of a KVM host, with stable ids and the VMs holding them
+version_added: 0.1.0
+description:
+  - Enumerates the USB devices of the managed host from udev (through pyudev; no C(lsusb) is run),
+    like C(lsusb) and Cloudpods' C(climc isolated-device-list --details).
+  - Reports which libvirt domains hold each device, in their running (live) and persistent configuration.
+    When libvirt cannot be reached the devices are still returned, with a warning.
+  - Reads back the Cloudpods host agent's C(disable_usb) setting from C(host_conf).
+  - "Device ids are stable: the same after a re-run, a reboot and a replug. The rule:
+    C(vvvv:pppp:SERIAL) when the device has a serial number that no other device of the same
+    vendor:product on the host shares; C(vvvv:pppp@PORT) otherwise, PORT being the sysfs port path
+    (for example C(0627:0001@1-2)). Characters of the serial other than letters, digits and C(. _ ~ -)
+    are percent-encoded. A serial-based id follows the device into any port; a port-based id belongs
+    to the port."
+author:
+  - kvmhost.usb contributors
+extends_documentation_fragment:
+  - kvmhost.usb.common.libvirt
+  - kvmhost.usb.common.pyudev
+  - kvmhost.usb.common.attributes
+  - kvmhost.usb.common.facts
+attributes:
+  check_mode:
+    support: full
+    details: The module only reads.
+  diff_mode:
+    support: none
+  facts:
+    support: full
+options:
+  host_conf:
+    description:
+      - Path of the Cloudpods host agent configuration whose C(disable_usb) setting is reported.
+    type: path
+    default: /etc/yunion/host.conf
+  include_hubs:
+    description:
+      - Also list hubs and root hubs in RV(ansible_facts.usb_devices). The topology always has them.
+    type: bool
+    default: false
+  vendor_id:
+    description:
+      - Only list devices with this vendor id (4 hex digits, quote it in YAML).
+    type: str
+  product_id:
+    description:
+      - Only list devices with this product id (4 hex digits, quote it in YAML).
+    type: str
+  serial:
+    description:
+      - Only list devices with this serial number.
+    type: str
+  port:
+    description:
+      - Only list the device at this port path, for example C(2-1.4).
+    type: str
+"""
+
+EXAMPLES = r"""
+- name: Gather the USB devices of the KVM hosts
+  kvmhost.usb.usb_facts:
+
+- name: Show them as the reference's isolated-device-list does
+  ansible.builtin.debug:
+    msg: "{{ item.id }} {{ item.vendor_device_id }} {{ item.address }} {{ item.model }} {{ item.attached_to.live | join(',') }}"
+  loop: "{{ ansible_facts.usb_devices }}"
+
+- name: Find the Kingston sticks only
+  kvmhost.usb.usb_facts:
+    vendor_id: "0951"
+    product_id: "1666"
+
+# Ad hoc: ansible kvm1 -m kvmhost.usb.usb_facts -a include_hubs=true
+"""
+
+RETURN = r"""
+ansible_facts:
+  description: Facts added to the host.
+  returned: always
+  type: dict
+  contains:
+    usb_devices:
+      description: The USB devices of the host, sorted by bus and port; hubs only with O(include_hubs).
+      returned: always
+      type: list
+      elements: dict
+      contains:
+        id:
+          description: Stable device id (see the description for the rule).
+          type: str
+          sample: "0951:1666:E0D55EA5741A"
+        vendor_id:
+          description: Vendor id, 4 lowercase hex digits.
+          type: str
+          sample: "0951"
+        product_id:
+          description: Product id, 4 lowercase hex digits.
+          type: str
+          sample: "1666"
+        vendor_device_id:
+          description: C(vendor_id:product_id).
+          type: str
+          sample: "0951:1666"
+        manufacturer:
+          description: The device's manufacturer string, else the USB id database's vendor name.
+          type: str
+          sample: Kingston
+        product:
+          description: The device's product string, else the USB id database's product name.
+          type: str
+          sample: DataTraveler 3.0
+        model:
+          description: The name C(lsusb) prints (database names, falling back to the device's strings).
+          type: str
+          sample: Kingston Technology DataTraveler 100 G3/G4/SE9 G2/50
+        serial:
+          description: Serial number, or null.
+          type: str
+        bus:
+          description: Bus number.
+          type: int
+          sample: 2
+        device:
+          description: Device number on the bus; changes on every replug.
+          type: int
+          sample: 2
+        address:
+          description: C(BBB:DDD), zero-padded, as Cloudpods prints it.
+          type: str
+          sample: "002:002"
+        port:
+          description: sysfs port path (C(usbN) for a root hub).
+          type: str
+          sample: 2-1.4
+        speed:
+          description: Speed in Mbit/s.
+          type: float
+          sample: 5000
+        usb_version:
+          description: USB version the device declares.
+          type: str
+          sample: "3.20"
+        class:
+          description: Device class name, or the interface class names when the device class is per-interface.
+          type: list
+          elements: str
+          sample: [Mass Storage]
+        driver:
+          description: Drivers bound to the device's interfaces, comma-separated, or null.
+          type: str
+          sample: usb-storage
+        is_hub:
+          description: Whether the device is a hub.
+          type: bool
+        sys_path:
+          description: sysfs path of the device.
+          type: str
+        attached_to:
+          description: Domains whose USB hostdevs designate the device.
+          type: dict
+          contains:
+            live:
+              description: Domains holding it in their running configuration.
+              type: list
+              elements: str
+            persistent:
+              description: Domains holding it in their persistent configuration.
+              type: list
+              elements: str
+    usb_topology:
+      description: The device tree like C(lsusb -t), hubs included, each node with its C(children).
+      returned: always
+      type: list
+      elements: dict
+    passthrough_enabled:
+      description: The host agent's setting read back, true for C(disable_usb: false); null when O(host_conf) is absent.
+      returned: always
+      type: bool
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.kvmhost.usb.plugins.module_utils import _hostconf, _libvirt, _usb
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            uri=dict(type="str", default="qemu:///system"),
+            host_conf=dict(type="path", default="/etc/yunion/host.conf"),
+            include_hubs=dict(type="bool", default=False),
+            vendor_id=dict(type="str"),
+            product_id=dict(type="str"),
+            serial=dict(type="str"),
+            port=dict(type="str"),
+        ),
+        supports_check_mode=True,
+    )
+    if _usb.pyudev is None:
+        module.fail_json(msg=missing_required_lib(_usb.PYUDEV_REQUIREMENT), exception=_usb.PYUDEV_IMPORT_ERROR)
+
+    filters = dict((key, module.params[key]) for key in ("vendor_id", "product_id", "serial", "port") if module.params[key])
+    try:
+        filters = _usb.normalize_selector(filters) if filters else {}
+    except _usb.SelectorError as error:
+        module.fail_json(msg=str(error))
+
+    devices = _usb.enumerate_devices()
+    topology = _usb.build_topology(devices)
+
+    if _libvirt.libvirt is None:
+        module.warn("Not reporting attachments: " + missing_required_lib(_libvirt.LIBVIRT_REQUIREMENT))
+        domains = []
+    else:
+        try:
+            conn = _libvirt.connect(module.params["uri"])
+            try:
+                domains = _libvirt.list_domain_hostdevs(conn)
+            finally:
+                conn.close()
+        except (_libvirt.LibvirtError, _libvirt.libvirt.libvirtError) as error:
+            module.warn("Not reporting attachments: %s" % error)
+            domains = []
+    _libvirt.add_attachments(devices, domains)
+
+    listed = devices if module.params["include_hubs"] else _usb.passthrough_candidates(devices)
+    listed = _usb.filter_devices(listed, filters)
+    module.exit_json(
+        changed=False,
+        ansible_facts=dict(
+            usb_devices=[_usb.public_view(device) for device in listed],
+            usb_topology=topology,
+            passthrough_enabled=_hostconf.passthrough_enabled(module.params["host_conf"]),
+        ),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Run a module of the collection as Ansible runs it on a target: a fresh Python process
+reading its arguments from a file, here under an umockdev testbed holding a described USB tree."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from . import usbtree
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+COLLECTIONS = os.path.join(REPO, "build", "collections")
+
+
+def collection_root():
+    """A tree with ansible_collections/kvmhost/usb pointing at this checkout."""
+    link = os.path.join(COLLECTIONS, "ansible_collections", "kvmhost", "usb")
+    if not os.path.islink(link):
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.symlink(REPO, link)
+    return COLLECTIONS
+
+
+def run_module(name, args, devices=None, check_mode=False, diff=False, python=sys.executable, env=None):
+    """The module's JSON result. ``devices`` is a usbtree description; None means no USB at all."""
+    with tempfile.TemporaryDirectory(prefix="kvmhost-usb-") as tmp:
+        module_args = dict(args)
+        module_args["_ansible_check_mode"] = check_mode
+        module_args["_ansible_diff"] = diff
+        args_file = os.path.join(tmp, "args.json")
+        with open(args_file, "w") as handle:
+            json.dump({"ANSIBLE_MODULE_ARGS": module_args}, handle)
+        command = [python, "-m", "ansible_collections.kvmhost.usb.plugins.modules.%s" % name, args_file]
+        testbed = ["umockdev-run"]
+        if devices:
+            tree = os.path.join(tmp, "tree.umockdev")
+            with open(tree, "w") as handle:
+                handle.write(usbtree.render(devices))
+            testbed += ["-d", tree]
+        command = testbed + ["--"] + command
+        run_env = dict(os.environ, PYTHONPATH=collection_root())
+        run_env.update(env or {})
+        process = subprocess.run(command, capture_output=True, text=True, env=run_env, timeout=120)
+    try:
+        result = json.loads(process.stdout)
+    except ValueError:
+        raise AssertionError("module %s printed no JSON (rc %s):\n%s\n%s" % (name, process.returncode, process.stdout, process.stderr))
+    result["rc"] = process.returncode
+    return result
