@@ -1,0 +1,150 @@
+"""Build the test-host image: Debian 12 with kernel, udev, libvirt and QEMU, made by mmdebstrap.
+
+The image is cached under ``build/testhost/images/<hash>/`` where the hash covers the whole
+recipe (this file's RECIPE and the customize hook), so a re-run reuses it and a changed
+recipe builds a new one. A build writes into a temporary directory and renames it into
+place only when complete, so an interrupted build never leaves a half image behind.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from .paths import BUILD_DIR, HERE, log
+
+HOOK = os.path.join(HERE, "image-hook.sh")
+IMAGES_DIR = os.path.join(BUILD_DIR, "images")
+# The run's own packages cache: a rebuild after a recipe change downloads nothing again.
+DEBS_DIR = os.path.join(BUILD_DIR, "debs")
+
+RECIPE = {
+    "suite": "bookworm",
+    "mirrors": [
+        "deb http://deb.debian.org/debian bookworm main",
+        "deb http://deb.debian.org/debian bookworm-updates main",
+        "deb http://deb.debian.org/debian-security bookworm-security main",
+    ],
+    "packages": [
+        "linux-image-amd64", "initramfs-tools", "zstd", "systemd-sysv", "udev", "dbus", "kmod",
+        "iproute2", "openssh-server", "python3", "python3-pyudev", "python3-libvirt",
+        "libvirt-daemon-system", "libvirt-clients", "qemu-system-x86", "usbutils",
+    ],
+    "dpkg_excludes": [
+        "/usr/share/man/*", "/usr/share/doc/*", "/usr/share/info/*", "/usr/share/locale/*",
+        "/usr/share/lintian/*",
+    ],
+    "image_size": "3G",
+    "format": 1,
+}
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built test-host image: an ext4 root filesystem (labelled ``root``), kernel and initrd."""
+
+    directory: str
+
+    @property
+    def root(self) -> str:
+        return os.path.join(self.directory, "root.img")
+
+    @property
+    def kernel(self) -> str:
+        return os.path.join(self.directory, "vmlinuz")
+
+    @property
+    def initrd(self) -> str:
+        return os.path.join(self.directory, "initrd.img")
+
+    @property
+    def host_keys(self) -> str:
+        """The image's SSH host public keys, for a known_hosts file."""
+        return os.path.join(self.directory, "ssh_host_keys.pub")
+
+
+def recipe_hash() -> str:
+    digest = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode())
+    with open(HOOK, "rb") as handle:
+        digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+def cached_image() -> Image | None:
+    image = Image(os.path.join(IMAGES_DIR, recipe_hash()))
+    return image if os.path.exists(image.root) else None
+
+
+def build_image(force: bool = False) -> Image:
+    """The cached image for the current recipe, built first if needed (root only; ~2 min)."""
+    image = cached_image()
+    if image and not force:
+        log("image %s is cached" % image.directory)
+        return image
+    target = os.path.join(IMAGES_DIR, recipe_hash())
+    work = target + ".building"
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    started = time.monotonic()
+    rootdir = os.path.join(work, "rootdir")
+    log("building the test-host image (recipe %s) with mmdebstrap; takes about 2 minutes" % recipe_hash())
+    _run_mmdebstrap(rootdir)
+    log("mmdebstrap done after %.0f s; making the ext4 filesystem" % (time.monotonic() - started))
+    _export_boot_files(rootdir, work)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-L", "root", "-d", rootdir, os.path.join(work, "root.img"), RECIPE["image_size"]],
+        check=True,
+    )
+    shutil.rmtree(rootdir)
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(work, target)
+    _prune_old_images(keep=target)
+    log("image built in %.0f s: %s" % (time.monotonic() - started, target))
+    return Image(target)
+
+
+def _run_mmdebstrap(rootdir: str) -> None:
+    os.makedirs(DEBS_DIR, exist_ok=True)
+    command = [
+        "mmdebstrap", "--mode=root", "--variant=apt", "--format=directory",
+        "--include=" + ",".join(RECIPE["packages"]),
+        "--aptopt=Acquire::Retries 3",
+        "--skip=essential/unlink",
+        "--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/",
+        "--setup-hook=sync-in %s /var/cache/apt/archives/" % DEBS_DIR,
+        "--customize-hook=sync-out /var/cache/apt/archives %s" % DEBS_DIR,
+        "--customize-hook=rm -f \"$1\"/var/cache/apt/archives/*.deb",
+        "--customize-hook=%s" % HOOK,
+    ]
+    for pattern in RECIPE["dpkg_excludes"]:
+        command.append("--dpkgopt=path-exclude=%s" % pattern)
+    command += [RECIPE["suite"], rootdir] + RECIPE["mirrors"]
+    # mmdebstrap prints its own progress ("I: ..." lines) on stderr; pass it through.
+    subprocess.run(command, check=True, stdout=sys.stderr)
+
+
+def _export_boot_files(rootdir: str, work: str) -> None:
+    kernels = sorted(glob.glob(os.path.join(rootdir, "boot", "vmlinuz-*")))
+    initrds = sorted(glob.glob(os.path.join(rootdir, "boot", "initrd.img-*")))
+    if not kernels or not initrds:
+        raise RuntimeError("the image has no kernel or initrd under /boot")
+    shutil.copy(kernels[-1], os.path.join(work, "vmlinuz"))
+    shutil.copy(initrds[-1], os.path.join(work, "initrd.img"))
+    with open(os.path.join(work, "ssh_host_keys.pub"), "w") as out:
+        for path in sorted(glob.glob(os.path.join(rootdir, "etc", "ssh", "ssh_host_*_key.pub"))):
+            with open(path) as handle:
+                out.write(handle.read())
+
+
+def _prune_old_images(keep: str) -> None:
+    for path in glob.glob(os.path.join(IMAGES_DIR, "*")):
+        if path != keep and os.path.isdir(path):
+            log("removing the outdated image %s" % path)
+            shutil.rmtree(path, ignore_errors=True)
