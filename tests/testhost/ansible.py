@@ -1,0 +1,95 @@
+"""Run the collection's modules and playbooks against a test host, the way an operator would.
+
+The collection is found through ``build/collections/ansible_collections/kvmhost/usb``, a
+symlink to this checkout (``make collection-link`` makes the same one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Any
+
+from .paths import REPO
+
+if TYPE_CHECKING:
+    from .host import TestHost
+
+COLLECTIONS = os.path.join(REPO, "build", "collections")
+RESULT_LINE = re.compile(r"^testhost \| (?P<status>[A-Z!]+)(?: \| rc=-?\d+)? => ", re.MULTILINE)
+
+
+class AnsibleError(RuntimeError):
+    """ansible printed no result for the test host."""
+
+
+def collections_path() -> str:
+    link = os.path.join(COLLECTIONS, "ansible_collections", "kvmhost", "usb")
+    if not os.path.islink(link):
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.symlink(REPO, link)
+    return COLLECTIONS
+
+
+def tool(name: str) -> str:
+    """An Ansible command from the running Python's environment (the venv), else from PATH."""
+    candidate = os.path.join(os.path.dirname(sys.executable), name)
+    return candidate if os.path.exists(candidate) else (shutil.which(name) or name)
+
+
+def environment() -> dict[str, str]:
+    return dict(
+        os.environ,
+        ANSIBLE_COLLECTIONS_PATH=collections_path(),
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0",
+        ANSIBLE_STDOUT_CALLBACK="ansible.builtin.default",
+        ANSIBLE_DEPRECATION_WARNINGS="0",
+        ANSIBLE_RETRY_FILES_ENABLED="0",
+    )
+
+
+def run_module(host: TestHost, module: str, args: dict[str, Any] | None = None, check: bool = False, diff: bool = False) -> dict[str, Any]:
+    """Run one module ad hoc on the test host; its result dict plus ``status`` (SUCCESS, CHANGED, FAILED!...).
+
+    ``failed`` is true for a failed or unreachable host; this function does not raise on a
+    failed module, only when ansible printed no result at all.
+    """
+    command = [tool("ansible"), "-i", host.inventory, "testhost", "-m", module]
+    if args:
+        command += ["-a", json.dumps(args)]
+    if check:
+        command.append("--check")
+    if diff:
+        command.append("--diff")
+    process = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=900)
+    matches = list(RESULT_LINE.finditer(process.stdout))
+    if not matches:
+        raise AnsibleError("ansible %s printed no result (rc %d):\n%s\n%s" % (module, process.returncode, process.stdout, process.stderr))
+    result = json.loads(process.stdout[matches[-1].end():])
+    result["status"] = matches[-1].group("status")
+    # The ad-hoc output leaves "failed" out of the printed result.
+    result["failed"] = result["status"] in ("FAILED!", "UNREACHABLE!")
+    return result
+
+
+def run_playbook(host: TestHost, playbook: str, extra_vars: dict[str, Any] | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """Run a playbook against the test host's inventory; the CompletedProcess (output in text)."""
+    command = [tool("ansible-playbook"), "-i", host.inventory, playbook]
+    if extra_vars:
+        command += ["-e", json.dumps(extra_vars)]
+    if check:
+        command.append("--check")
+    return subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=1800)
+
+
+def usb_facts(host: TestHost, include_hubs: bool = True) -> list[dict[str, Any]]:
+    """``ansible_facts.usb_devices`` of kvmhost.usb.usb_facts on the test host (hubs included by default)."""
+    result = run_module(host, "kvmhost.usb.usb_facts", {"include_hubs": include_hubs})
+    if result.get("failed"):
+        raise AnsibleError("kvmhost.usb.usb_facts failed: %s" % result.get("msg", result))
+    return result["ansible_facts"]["usb_devices"]
