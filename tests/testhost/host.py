@@ -33,25 +33,8 @@ from .paths import BUILD_DIR, log
 
 RUN_ROOT = os.path.join(BUILD_DIR, "run")
 
-# Read by the test host's python3 over SSH: the kernel's own view of its USB devices.
-KERNEL_USB_SCRIPT = r"""
-import json, os
-root = "/sys/bus/usb/devices"
-names = ("idVendor", "idProduct", "serial", "busnum", "devnum", "product", "manufacturer", "bDeviceClass", "speed")
-devices = []
-for name in sorted(os.listdir(root)):
-    if ":" in name:
-        continue
-    entry = {"port": name}
-    for attribute in names:
-        try:
-            with open(os.path.join(root, name, attribute)) as handle:
-                entry[attribute] = handle.read().strip()
-        except OSError:
-            entry[attribute] = None
-    devices.append(entry)
-print(json.dumps(devices))
-"""
+# Run by the test host's python3: the kernel's own view of its USB devices (JSON on stdout).
+KERNEL_USB_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_usb.py")
 
 
 class TestHostError(RuntimeError):
@@ -310,7 +293,9 @@ class TestHost:
         sysfs attributes ``idVendor idProduct serial busnum devnum product manufacturer
         bDeviceClass speed`` (strings, None when absent).
         """
-        return json.loads(self.ssh("python3", "-", input=KERNEL_USB_SCRIPT).stdout)
+        with open(KERNEL_USB_SCRIPT) as handle:
+            script = handle.read()
+        return json.loads(self.ssh("python3", "-", input=script).stdout)
 
     def wait_usb(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 30.0) -> list[dict[str, Any]]:
         """Poll kernel_usb_devices() until ``predicate(devices)`` holds (udev settled); return the devices."""
