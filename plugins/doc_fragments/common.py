@@ -18,11 +18,13 @@ requirements:
 """
 
     PYUDEV = r"""
+options: {}
 requirements:
   - pyudev on the managed host (Debian/Ubuntu and RHEL family package C(python3-pyudev)).
 """
 
     SELECTOR = r"""
+options: {}
 notes:
   - >-
     A device selector is a dict with any of the keys C(id), C(vendor_id), C(product_id), C(serial),

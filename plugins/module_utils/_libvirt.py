@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import re
 import traceback
 import xml.etree.ElementTree as ET
 
@@ -14,6 +15,8 @@ try:
 except ImportError:
     libvirt = None
     LIBVIRT_IMPORT_ERROR = traceback.format_exc()
+
+UUID = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
 
 LIBVIRT_REQUIREMENT = "libvirt-python (Debian/Ubuntu: python3-libvirt, RHEL family: python3-libvirt, or pip install libvirt-python)"
 
@@ -125,3 +128,42 @@ def add_attachments(devices, domains):
             ),
         }
     return devices
+
+
+def hostdev_xml(hostdev):
+    """The ``<hostdev>`` element for a hostdev dict (vendor_id, product_id, bus, device, startup_policy).
+
+    The same text is written to libvirt and shown in diffs, so both say the same thing."""
+    element = ET.Element("hostdev", mode="subsystem", type="usb")
+    source = ET.SubElement(element, "source")
+    if hostdev.get("startup_policy"):
+        source.set("startupPolicy", hostdev["startup_policy"])
+    if hostdev.get("vendor_id"):
+        ET.SubElement(source, "vendor", id="0x" + hostdev["vendor_id"])
+    if hostdev.get("product_id"):
+        ET.SubElement(source, "product", id="0x" + hostdev["product_id"])
+    if hostdev.get("bus") is not None and hostdev.get("device") is not None:
+        ET.SubElement(source, "address", bus=str(hostdev["bus"]), device=str(hostdev["device"]))
+    return ET.tostring(element, encoding="unicode")
+
+
+def lookup_domain(conn, name_or_uuid):
+    """The domain with this name, else with this UUID; None when there is none."""
+    try:
+        return conn.lookupByName(name_or_uuid)
+    except libvirt.libvirtError as error:
+        if error.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+    if not UUID.match(name_or_uuid):
+        return None
+    try:
+        return conn.lookupByUUIDString(name_or_uuid)
+    except libvirt.libvirtError as error:
+        if error.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+    return None
+
+
+def error_message(error):
+    """libvirt's own message of a libvirtError."""
+    return error.get_error_message() or str(error)

@@ -1,0 +1,62 @@
+# Copyright (c) 2026, kvmhost.usb contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""The passthrough intent recorded in a domain's ``<metadata>``: which devices the domain should have.
+
+In the domain XML it reads::
+
+    <metadata>
+      <kvmhost-usb:passthrough xmlns:kvmhost-usb="http://kvmhost.usb/ns/passthrough/1">
+        <kvmhost-usb:device id="0951:1666:E0D55EA5741AF160B9740A81">
+          <kvmhost-usb:selector vendor_id="0951" product_id="1666"/>
+        </kvmhost-usb:device>
+      </kvmhost-usb:passthrough>
+    </metadata>
+
+Each entry is the resolved device id and the normalised selector the operator gave.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from ansible_collections.kvmhost.usb.plugins.module_utils._usb import SELECTOR_FIELDS
+
+NAMESPACE = "http://kvmhost.usb/ns/passthrough/1"
+PREFIX = "kvmhost-usb"
+ROOT = "passthrough"
+
+ET.register_namespace(PREFIX, NAMESPACE)
+
+
+def from_domain_xml(xml_text):
+    """The intent entries of a domain XML: a list of ``{"id": ..., "selector": {...}}``."""
+    root = ET.fromstring(xml_text)
+    element = root.find("./metadata/{%s}%s" % (NAMESPACE, ROOT))
+    if element is None:
+        return []
+    entries = []
+    for device in element.findall("{%s}device" % NAMESPACE):
+        selector_element = device.find("{%s}selector" % NAMESPACE)
+        attributes = selector_element.attrib if selector_element is not None else {}
+        selector = dict((field, attributes[field]) for field in SELECTOR_FIELDS if attributes.get(field))
+        entries.append({"id": device.get("id"), "selector": selector})
+    return entries
+
+
+def to_xml(entries, namespace=None):
+    """The metadata element for the entries, as ``setMetadata`` takes it (no namespace) or, with
+    ``namespace``, qualified for display."""
+    tag = "{%s}%%s" % namespace if namespace else "%s"
+    root = ET.Element(tag % ROOT)
+    for entry in entries:
+        device = ET.SubElement(root, tag % "device", id=entry["id"])
+        ET.SubElement(device, tag % "selector", dict((field, entry["selector"][field]) for field in SELECTOR_FIELDS if field in entry["selector"]))
+    return ET.tostring(root, encoding="unicode")
+
+
+def display(entries):
+    """The entries as they read in the domain XML, one line per element, for diffs."""
+    element = ET.fromstring(to_xml(entries, namespace=NAMESPACE))
+    ET.indent(element)
+    return ET.tostring(element, encoding="unicode")
