@@ -4,6 +4,10 @@ A device is a dict: ``port`` (sysfs port path such as ``2-1.4``; ``usbN`` for a 
 ``vendor_id``, ``product_id``, ``devnum`` and optional ``manufacturer``, ``product``,
 ``serial``, ``vendor_db``/``model_db`` (what udev's hwdb adds), ``speed``, ``version``,
 ``device_class`` (hex byte) and ``interfaces`` (list of ``(class hex, driver or None)``).
+
+A storage device may have ``block``: a list of ``(name, "major:minor")``, the disk first and then its
+partitions, each optionally with a third item, the names of the virtual block devices stacked on it
+(device mapper, md), given as ``(name, "major:minor")`` too.
 """
 
 from __future__ import annotations
@@ -122,7 +126,41 @@ def render(devices):
                 lines.append("E: DRIVER=%s" % driver)
                 lines.append("L: driver=%s/bus/usb/drivers/%s" % ("/".join([".."] * interface_path.count("/")), driver))
             blocks.append("\n".join(lines))
+        blocks.extend(_block_devices(path, port, device.get("block") or []))
     return "\n\n".join(blocks) + "\n"
+
+
+def _block_device(path, name, devno, devtype, holders=()):
+    major, minor = devno.split(":")
+    lines = [
+        "P: %s" % path,
+        "N: %s" % name,
+        "E: DEVNAME=/dev/%s" % name,
+        "E: DEVTYPE=%s" % devtype,
+        "E: SUBSYSTEM=block",
+        "E: MAJOR=%s" % major,
+        "E: MINOR=%s" % minor,
+        "A: dev=%s" % devno,
+    ]
+    for holder, _devno in holders:
+        lines.append("L: holders/%s=%s/virtual/block/%s" % (holder, "/".join([".."] * path.count("/")), holder))
+    return "\n".join(lines)
+
+
+def _block_devices(path, port, block):
+    """A disk below the device's first interface (as usb-storage puts it), its partitions, what is stacked on them."""
+    if not block:
+        return []
+    disk_path = "%s/%s:1.0/host0/target0:0:0/0:0:0:0/block/%s" % (path, port, block[0][0])
+    blocks = []
+    for index, entry in enumerate(block):
+        name, devno = entry[0], entry[1]
+        holders = entry[2] if len(entry) > 2 else ()
+        own_path = disk_path if index == 0 else "%s/%s" % (disk_path, name)
+        blocks.append(_block_device(own_path, name, devno, "disk" if index == 0 else "partition", holders))
+        for holder, holder_devno in holders:
+            blocks.append(_block_device("/devices/virtual/block/%s" % holder, holder, holder_devno, "disk"))
+    return blocks
 
 
 def _escape(value):
