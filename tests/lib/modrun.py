@@ -24,8 +24,11 @@ def collection_root():
     return COLLECTIONS
 
 
-def run_module(name, args, devices=None, check_mode=False, diff=False, python=sys.executable, env=None):
-    """The module's JSON result. ``devices`` is a usbtree description; None means no USB at all."""
+def run_module(name, args, devices=None, check_mode=False, diff=False, python=(sys.executable,), python_path=(), env=None):
+    """The module's JSON result. ``devices`` is a usbtree description; None means no USB at all.
+
+    ``python`` is the interpreter command; ``python_path`` entries go before the collection root.
+    """
     with tempfile.TemporaryDirectory(prefix="kvmhost-usb-") as tmp:
         module_args = dict(args)
         module_args["_ansible_check_mode"] = check_mode
@@ -33,7 +36,7 @@ def run_module(name, args, devices=None, check_mode=False, diff=False, python=sy
         args_file = os.path.join(tmp, "args.json")
         with open(args_file, "w") as handle:
             json.dump({"ANSIBLE_MODULE_ARGS": module_args}, handle)
-        command = [python, "-m", "ansible_collections.kvmhost.usb.plugins.modules.%s" % name, args_file]
+        command = list(python) + ["-m", "ansible_collections.kvmhost.usb.plugins.modules.%s" % name, args_file]
         testbed = ["umockdev-run"]
         if devices:
             tree = os.path.join(tmp, "tree.umockdev")
@@ -41,7 +44,7 @@ def run_module(name, args, devices=None, check_mode=False, diff=False, python=sy
                 handle.write(usbtree.render(devices))
             testbed += ["-d", tree]
         command = testbed + ["--"] + command
-        run_env = dict(os.environ, PYTHONPATH=collection_root())
+        run_env = dict(os.environ, PYTHONPATH=os.pathsep.join(list(python_path) + [collection_root()]))
         run_env.update(env or {})
         process = subprocess.run(command, capture_output=True, text=True, env=run_env, timeout=120)
     try:
@@ -49,4 +52,12 @@ def run_module(name, args, devices=None, check_mode=False, diff=False, python=sy
     except ValueError:
         raise AssertionError("module %s printed no JSON (rc %s):\n%s\n%s" % (name, process.returncode, process.stdout, process.stderr))
     result["rc"] = process.returncode
+    result["warnings"] = [_message(warning) for warning in result.get("warnings", [])]
     return result
+
+
+def _message(warning):
+    # ansible-core 2.19 modules emit structured warnings; the controller shows their msg.
+    if isinstance(warning, dict):
+        return warning.get("event", warning).get("msg", str(warning))
+    return warning

@@ -1,0 +1,54 @@
+"""Diskless TCG domains on the local libvirtd for tests, removed again afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+
+import libvirt
+
+URI = "qemu:///system"
+
+DOMAIN_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices>
+    <controller type='usb' index='0' model='qemu-xhci'/>
+    {devices}
+  </devices>
+</domain>"""
+
+
+def usb_hostdev_xml(vendor_id=None, product_id=None, bus=None, device=None):
+    parts = []
+    if vendor_id:
+        parts.append("<vendor id='0x%s'/><product id='0x%s'/>" % (vendor_id, product_id))
+    if bus is not None:
+        parts.append("<address bus='%d' device='%d'/>" % (bus, device))
+    return "<hostdev mode='subsystem' type='usb' managed='no'><source>%s</source></hostdev>" % "".join(parts)
+
+
+def undefine(conn, name):
+    try:
+        domain = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return
+    if domain.isActive():
+        domain.destroy()
+    domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM if hasattr(libvirt, "VIR_DOMAIN_UNDEFINE_NVRAM") else 0)
+
+
+@contextlib.contextmanager
+def defined_domains(specs):
+    """Define domains from ``{name: [device xml, ...]}``; yield the connection; undefine them."""
+    conn = libvirt.open(URI)
+    try:
+        for name, devices in specs.items():
+            undefine(conn, name)
+            conn.defineXML(DOMAIN_XML.format(name=name, devices="\n    ".join(devices)))
+        yield conn
+    finally:
+        for name in specs:
+            undefine(conn, name)
+        conn.close()
