@@ -95,9 +95,11 @@ def test_colliding_serials_fall_back_to_port_ids(testhost_factory, tmp_path) -> 
           - {id: right, kind: tablet, serial: "42", port: 2}
         """))
     host = testhost_factory("same-serial", str(topology))
-    facts = usb_facts(host, include_hubs=False)
-    assert sorted(device["id"] for device in facts) == ["0627:0001@1-1", "0627:0001@1-2"]
-    assert_facts_match_kernel(usb_facts(host), host.kernel_usb_devices())
+    facts = usb_facts(host)
+    tablets = [device for device in facts if not device["is_hub"]]
+    assert sorted(device["id"] for device in tablets) == ["0627:0001@1-1", "0627:0001@1-2"]
+    assert [device["serial"] for device in tablets] == ["42", "42"]
+    assert_facts_match_kernel(facts, host.kernel_usb_devices())
 
 
 def test_guest_receives_a_device_and_facts_name_it(testhost: TestHost) -> None:

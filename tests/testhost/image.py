@@ -8,6 +8,7 @@ place only when complete, so an interrupted build never leaves a half image behi
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import json
@@ -83,14 +84,25 @@ def cached_image() -> Image | None:
 
 
 def build_image(force: bool = False) -> Image:
-    """The cached image for the current recipe, built first if needed (root only; ~2 min)."""
+    """The cached image for the current recipe, built first if needed (root only; ~1.5 min)."""
     image = cached_image()
     if image and not force:
         log("image %s is cached" % image.directory)
         return image
+    os.makedirs(IMAGES_DIR, exist_ok=True)
+    # One build at a time; whoever waited finds the image built.
+    with open(os.path.join(IMAGES_DIR, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        image = cached_image()
+        if image and not force:
+            return image
+        return _build()
+
+
+def _build() -> Image:
     target = os.path.join(IMAGES_DIR, recipe_hash())
     work = target + ".building"
-    shutil.rmtree(work, ignore_errors=True)
+    _remove_build_dir(work)
     os.makedirs(work)
     started = time.monotonic()
     rootdir = os.path.join(work, "rootdir")
@@ -102,7 +114,7 @@ def build_image(force: bool = False) -> Image:
         ["mkfs.ext4", "-q", "-F", "-L", "root", "-d", rootdir, os.path.join(work, "root.img"), RECIPE["image_size"]],
         check=True,
     )
-    shutil.rmtree(rootdir)
+    _remove_build_dir(rootdir)
     shutil.rmtree(target, ignore_errors=True)
     os.rename(work, target)
     _prune_old_images(keep=target)
@@ -130,6 +142,18 @@ def _run_mmdebstrap(rootdir: str) -> None:
     subprocess.run(command, check=True, stdout=sys.stderr)
 
 
+def _remove_build_dir(path: str) -> None:
+    """Remove an (interrupted) build directory, unmounting first whatever a killed mmdebstrap left mounted in it."""
+    if not os.path.exists(path):
+        return
+    prefix = os.path.realpath(path) + "/"
+    with open("/proc/self/mounts") as handle:
+        mounts = [line.split()[1].replace("\\040", " ") for line in handle]
+    for mountpoint in sorted((m for m in mounts if m.startswith(prefix)), reverse=True):
+        subprocess.run(["umount", "-l", mountpoint], check=False)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _export_boot_files(rootdir: str, work: str) -> None:
     kernels = sorted(glob.glob(os.path.join(rootdir, "boot", "vmlinuz-*")))
     initrds = sorted(glob.glob(os.path.join(rootdir, "boot", "initrd.img-*")))
@@ -145,6 +169,6 @@ def _export_boot_files(rootdir: str, work: str) -> None:
 
 def _prune_old_images(keep: str) -> None:
     for path in glob.glob(os.path.join(IMAGES_DIR, "*")):
-        if path != keep and os.path.isdir(path):
+        if path != keep and os.path.isdir(path) and not path.endswith(".building"):
             log("removing the outdated image %s" % path)
             shutil.rmtree(path, ignore_errors=True)
