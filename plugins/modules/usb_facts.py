@@ -21,7 +21,7 @@ description:
     are percent-encoded. A serial-based id follows the device into any port; a port-based id belongs
     to the port."
 author:
-  - kvmhost.usb contributors
+  - kvmhost.usb contributors (!UNKNOWN)
 extends_documentation_fragment:
   - kvmhost.usb.common.libvirt
   - kvmhost.usb.common.pyudev
@@ -43,7 +43,7 @@ options:
     default: /etc/yunion/host.conf
   include_hubs:
     description:
-      - Also list hubs and root hubs in RV(ansible_facts.usb_devices). The topology always has them.
+      - Also list hubs and root hubs in C(ansible_facts.usb_devices). The topology always has them.
     type: bool
     default: false
   vendor_id:
@@ -181,7 +181,9 @@ ansible_facts:
       type: list
       elements: dict
     passthrough_enabled:
-      description: The host agent's setting read back, true for C(disable_usb: false); null when O(host_conf) is absent.
+      description: >-
+        The host agent's setting read back: true for C(disable_usb: false), false when USB passthrough is
+        disabled or the setting is missing, null when O(host_conf) is absent.
       returned: always
       type: bool
 """

@@ -46,7 +46,7 @@ def run_module(name, args, devices=None, check_mode=False, diff=False, python=(s
         command = testbed + ["--"] + command
         run_env = dict(os.environ, PYTHONPATH=os.pathsep.join(list(python_path) + [collection_root()]))
         run_env.update(env or {})
-        process = subprocess.run(command, capture_output=True, text=True, env=run_env, timeout=120)
+        process = subprocess.run(command, capture_output=True, text=True, env=run_env, timeout=120, check=False)
     try:
         result = json.loads(process.stdout)
     except ValueError:

@@ -66,8 +66,8 @@ def descriptors(device):
     )
     total = 9 + 9 * len(interfaces)
     data += struct.pack("<BBHBBBBB", 9, 2, total, len(interfaces), 1, 0, 0x80, 50)
-    for number, (cls, _driver) in enumerate(interfaces):
-        data += struct.pack("<BBBBBBBBB", 9, 4, number, 0, 0, int(cls, 16), 0, 0, 0)
+    for number, interface in enumerate(interfaces):
+        data += struct.pack("<BBBBBBBBB", 9, 4, number, 0, 0, int(interface[0], 16), 0, 0, 0)
     return data
 
 
