@@ -167,3 +167,12 @@ def lookup_domain(conn, name_or_uuid):
 def error_message(error):
     """libvirt's own message of a libvirtError."""
     return error.get_error_message() or str(error)
+
+
+def find_domain(conn, name_or_uuid):
+    """The domain with this name, else with this UUID; LibvirtError naming the host's domains when there is none."""
+    domain = lookup_domain(conn, name_or_uuid)
+    if domain is None:
+        names = sorted(other.name() for other in conn.listAllDomains(0))
+        raise LibvirtError("No domain named or with UUID %s; domains on this host: %s" % (name_or_uuid, ", ".join(names) or "none"))
+    return domain
