@@ -16,6 +16,12 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.testhost import TestHost
+from tests.testhost.host import stop_all
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # A crashed earlier session may have left its test hosts running: they would only eat CPU.
+    stop_all(prefix="pytest")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import os
 import sys
 
 from . import image
-from .host import TestHost, TestHostError
+from .host import TestHost, TestHostError, stop_all
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     up = commands.add_parser("up", help="boot the test host; prints the inventory path")
     up.add_argument("--topology", help="topology YAML file (default: topologies/default.yml)")
     up.add_argument("--memory", type=int, default=2048, help="MiB of RAM")
-    commands.add_parser("down", help="stop the test host")
+    down = commands.add_parser("down", help="stop the test host")
+    down.add_argument("--all", action="store_true", help="stop every test host under build/testhost/run/")
     commands.add_parser("status", help="show whether it runs, and its USB devices")
     ssh = commands.add_parser("ssh", help="run a command on the test host (or open a shell)")
     ssh.add_argument("argv", nargs=argparse.REMAINDER)
@@ -36,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
             host = TestHost(args.name, args.topology, memory_mib=args.memory).start()
             print(host.inventory)
         elif args.command == "down":
-            TestHost(args.name).stop()
+            if args.all:
+                stop_all()
+            else:
+                TestHost(args.name).stop()
         elif args.command == "status":
             return status(args.name)
         elif args.command == "ssh":

@@ -356,6 +356,15 @@ class TestHost:
         guest.remove(self, name)
 
 
+def stop_all(prefix: str = "") -> None:
+    """Stop every test host whose name starts with ``prefix``: the leftovers of crashed runs."""
+    if not os.path.isdir(RUN_ROOT):
+        return
+    for name in sorted(os.listdir(RUN_ROOT)):
+        if name.startswith(prefix) and os.path.isdir(os.path.join(RUN_ROOT, name)):
+            TestHost(name).stop()
+
+
 def _make_stick(path: str, size_mib: int) -> None:
     with open(path, "wb") as handle:
         handle.truncate(size_mib * 1024 * 1024)
