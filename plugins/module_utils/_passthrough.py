@@ -83,8 +83,8 @@ class Step:
         )
 
 
-def normalize_selectors(items):
-    if not items:
+def normalize_selectors(items, allow_empty=False):
+    if not items and not allow_empty:
         raise _usb.SelectorError("No devices given: 'devices' needs at least one selector")
     return [_usb.normalize_selector(item) for item in items]
 
@@ -287,6 +287,19 @@ class Passthrough:
                 intent.append(entry)
             self._touch(domain)
 
+    def plan_exclusive(self, domain, scopes, kept):
+        """Take from the domain every USB device it holds other than ``kept``: the hostdevs that stand
+        for none of them (stale ones and hand-written ones included) and the other intent entries."""
+        kept_ids = [device["id"] for device in kept]
+        for scope in scopes:
+            config = domain.configs[scope]
+            for hostdev in [hostdev for hostdev in config.hostdevs if not any(self.stands_for(hostdev, device, config) for device in kept)]:
+                self._hostdev_step(domain, scope, "detach", hostdev)
+            remaining = [entry for entry in config.intent if entry["id"] in kept_ids]
+            if remaining != config.intent:
+                config.intent[:] = remaining
+                self._touch(domain)
+
     def plan_detach(self, domain, device):
         for scope, config in domain.configs.items():
             for hostdev in [hostdev for hostdev in config.hostdevs if self.stands_for(hostdev, device, config)]:
@@ -368,7 +381,7 @@ class Passthrough:
 
     # The two operations
 
-    def attach(self, domain_name, selectors, persistent=True, auto_start=False, steal=False, allow_host_critical=False):
+    def attach(self, domain_name, selectors, persistent=True, auto_start=False, steal=False, allow_host_critical=False, exclusive=False):
         handle = self.lookup(domain_name)
         self.enumerate()
         resolved = self.resolve(selectors)
@@ -387,6 +400,8 @@ class Passthrough:
                     )
                 for holder, _scopes in holders:
                     self.plan_detach(holder, device)
+            if exclusive:
+                self.plan_exclusive(domain, scopes, [device for _selector, device in resolved])
             for selector, device in resolved:
                 self.plan_attach(domain, scopes, selector, device)
             steps = self.execute()

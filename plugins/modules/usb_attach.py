@@ -70,6 +70,15 @@ options:
       - When another domain holds a device, detach it there (live, persistent and intent) and attach it here.
     type: bool
     default: false
+  exclusive:
+    description:
+      - Also detach every other USB device the domain holds, so that it holds exactly O(devices) afterwards
+        (in the configurations the run attaches to, see O(persistent)).
+      - This takes away hostdevs that stand for no present device (left by an unplug, or written by hand)
+        and intent entries of devices not in O(devices).
+      - With V(true), O(devices) may be empty, which takes every USB device from the domain.
+    type: bool
+    default: false
   allow_host_critical:
     description:
       - Pass through a device that backs a mounted filesystem of the host (directly, or under device
@@ -100,6 +109,12 @@ EXAMPLES = r"""
         serial: "42"
       - id: "0627:0001@1-3"
     auto_start: true
+
+- name: testvm holds exactly the stick, nothing else (the declared state of the kvmhost.usb.passthrough role)
+  kvmhost.usb.usb_attach:
+    domain: testvm
+    devices: ["0951:1666"]
+    exclusive: true
 
 - name: Move the device from whichever VM has it
   kvmhost.usb.usb_attach:
@@ -162,6 +177,7 @@ def main():
             auto_start=dict(type="bool", default=False),
             steal=dict(type="bool", default=False),
             allow_host_critical=dict(type="bool", default=False),
+            exclusive=dict(type="bool", default=False),
             uri=dict(type="str", default="qemu:///system"),
         ),
         supports_check_mode=True,
@@ -173,7 +189,7 @@ def main():
 
     params = module.params
     try:
-        selectors = _passthrough.normalize_selectors(params["devices"])
+        selectors = _passthrough.normalize_selectors(params["devices"], allow_empty=params["exclusive"])
         conn = _libvirt.connect(params["uri"])
         try:
             result = _passthrough.Passthrough(conn, params["uri"], module.check_mode).attach(
@@ -183,6 +199,7 @@ def main():
                 auto_start=params["auto_start"],
                 steal=params["steal"],
                 allow_host_critical=params["allow_host_critical"],
+                exclusive=params["exclusive"],
             )
         finally:
             conn.close()

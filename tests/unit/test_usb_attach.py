@@ -431,3 +431,66 @@ def test_live_intent_of_a_running_domain_holds_the_device(running, domains):
         failed(attach({"domain": name, "devices": ["0951:1666"]}), "held by domain %s (live)" % holder)
     finally:
         created.lookup(holder).setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, NAMESPACE, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+
+# exclusive: the domain holds exactly the given devices afterwards.
+
+
+def test_exclusive_takes_away_the_undeclared_devices_and_keeps_the_declared(domains):
+    name = domains.define("exclusive")
+    assert attach({"domain": name, "devices": ["0951:1666", "0627:0001:42"]})["rc"] == 0
+    result = attach({"domain": name, "devices": ["0951:1666"], "exclusive": True})
+    assert result["rc"] == 0, result
+    assert result["changed"] is True
+    assert [action.split(":")[0] for action in result["actions"]] == [
+        "detach from %s (persistent)" % name,
+        "record the intent of %s (persistent)" % name,
+    ]
+    assert "0x0627" in result["actions"][0]
+    xml = domains.inactive(name)
+    assert hostdevs(xml) == [KINGSTON_HOSTDEV]
+    assert metadata(xml) == KINGSTON_INTENT
+    again = attach({"domain": name, "devices": ["0951:1666"], "exclusive": True})
+    assert again["changed"] is False, again
+    assert domains.inactive(name) == xml
+
+
+def test_exclusive_leaves_other_domains_alone(domains):
+    other = domains.define("exclusive-neighbour")
+    name = domains.define("exclusive-alone")
+    assert attach({"domain": other, "devices": ["0627:0001:42"]})["rc"] == 0
+    neighbour = domains.inactive(other)
+    result = attach({"domain": name, "devices": ["0951:1666"], "exclusive": True})
+    assert result["rc"] == 0, result
+    assert domains.inactive(other) == neighbour
+
+
+def test_exclusive_without_devices_empties_the_domain_stale_and_hand_written_included(domains):
+    absent_id = "0627:0001:99"
+    name = domains.define("exclusive-empty", [source_xml("0951", "1666"), source_xml("0627", "0001", 1, 9)])
+    domains.set_intent(name, '<passthrough><device id="%s"><selector id="%s"/></device></passthrough>' % (absent_id, absent_id))
+    failed(attach({"domain": name, "devices": []}), "No devices given")
+    before = domains.snapshot()
+    checked = attach({"domain": name, "devices": [], "exclusive": True}, check_mode=True, diff=True)
+    assert checked["rc"] == 0, checked
+    assert checked["changed"] is True
+    assert len(checked["actions"]) == 3
+    assert checked["diff"]["after"] == "%s (persistent configuration):\n" % name
+    assert domains.snapshot() == before
+    result = attach({"domain": name, "devices": [], "exclusive": True})
+    assert result["rc"] == 0, result
+    assert result["actions"] == checked["actions"]
+    xml = domains.inactive(name)
+    assert hostdevs(xml) == []
+    assert metadata(xml) is None
+    assert attach({"domain": name, "devices": [], "exclusive": True})["changed"] is False
+
+
+def test_exclusive_rebinds_a_declared_twin_and_drops_the_other(domains):
+    name = domains.define("exclusive-twins")
+    assert attach({"domain": name, "devices": ["0627:0001:42", "0627:0001:43"]}, TWINS)["rc"] == 0
+    result = attach({"domain": name, "devices": ["0627:0001:43"], "exclusive": True}, TWINS)
+    assert result["rc"] == 0, result
+    xml = domains.inactive(name)
+    assert hostdevs(xml) == [hostdev("0627", "0001", 1, 3, port=2)]
+    assert metadata(xml) == intent(("0627:0001:43", {"id": "0627:0001:43"}))
