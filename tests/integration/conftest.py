@@ -3,6 +3,7 @@
 ``testhost``          the default topology, booted once per session (about 20 s warm)
 ``testhost_factory``  ``testhost_factory(name, topology_file)`` boots another test host
                       with a test's own topology; all are stopped at the end of the session
+``guest``             a running diskless guest in ``testhost``, removed after the test (its name)
 
 Helpers for the tests: ``tests.testhost.ansible.run_module(host, module, args)`` and
 ``usb_facts(host)``; on the host: ``kernel_usb_devices()``, ``wait_usb(predicate)``,
@@ -11,6 +12,7 @@ Helpers for the tests: ``tests.testhost.ansible.run_module(host, module, args)``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -53,3 +55,15 @@ def testhost_factory() -> Iterator[Callable[..., TestHost]]:
     finally:
         for host in started:
             host.stop()
+
+
+@pytest.fixture
+def guest(testhost: TestHost, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A running diskless guest (q35, qemu-xhci, no disk) in the session's test host; yields its name."""
+    name = "t-" + re.sub(r"[^A-Za-z0-9]+", "-", request.node.name).strip("-")[:40]
+    testhost.remove_guest(name)
+    testhost.create_guest(name)
+    try:
+        yield name
+    finally:
+        testhost.remove_guest(name)

@@ -102,15 +102,11 @@ def test_colliding_serials_fall_back_to_port_ids(testhost_factory, tmp_path) -> 
     assert_facts_match_kernel(facts, host.kernel_usb_devices())
 
 
-def test_guest_receives_a_device_and_facts_name_it(testhost: TestHost) -> None:
-    testhost.create_guest("facts-guest")
-    try:
-        assert testhost.guest_usb("facts-guest") == []
-        hostdev = "<hostdev mode='subsystem' type='usb'><source><vendor id='0x46f4'/><product id='0x0001'/></source></hostdev>"
-        testhost.ssh("virsh", "attach-device", "facts-guest", "/dev/stdin", "--live", input=hostdev)
-        seen = testhost.guest_usb("facts-guest")
-        assert [device["product"] for device in seen] == ["QEMU USB HARDDRIVE"]
-        stick = by_port(usb_facts(testhost))["2-1"]
-        assert stick["attached_to"]["live"] == ["facts-guest"]
-    finally:
-        testhost.remove_guest("facts-guest")
+def test_guest_receives_a_device_and_facts_name_it(testhost: TestHost, guest: str) -> None:
+    assert testhost.guest_usb(guest) == []
+    hostdev = "<hostdev mode='subsystem' type='usb'><source><vendor id='0x46f4'/><product id='0x0001'/></source></hostdev>"
+    testhost.ssh("virsh", "attach-device", guest, "/dev/stdin", "--live", input=hostdev)
+    seen = testhost.guest_usb(guest)
+    assert [device["product"] for device in seen] == ["QEMU USB HARDDRIVE"]
+    stick = by_port(usb_facts(testhost))["2-1"]
+    assert stick["attached_to"]["live"] == [guest]
