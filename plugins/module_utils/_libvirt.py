@@ -9,6 +9,8 @@ import re
 import traceback
 import xml.etree.ElementTree as ET
 
+from ansible_collections.kvmhost.usb.plugins.module_utils import _intent
+
 LIBVIRT_IMPORT_ERROR = None
 try:
     import libvirt
@@ -109,12 +111,18 @@ def hostdev_matches(hostdev, device):
 
 
 def list_domain_hostdevs(conn):
-    """Every domain with its USB hostdevs, live (running XML) and persistent (inactive XML) apart."""
+    """Every domain with its USB hostdevs, live (running XML) and persistent (inactive XML) apart.
+
+    ``configs`` has the same per configuration the domain has, with the passthrough intent of each."""
     domains = []
     for domain in conn.listAllDomains(0):
-        live = usb_hostdevs(domain_xml(domain)) if domain.isActive() else []
-        persistent = usb_hostdevs(domain_xml(domain, inactive=True)) if domain.isPersistent() else []
-        domains.append({"name": domain.name(), "live": live, "persistent": persistent})
+        entry = {"name": domain.name(), "state": domain_state_name(domain), "live": [], "persistent": [], "configs": {}}
+        for scope, present, inactive in (("live", domain.isActive(), False), ("persistent", domain.isPersistent(), True)):
+            if present:
+                xml_text = domain_xml(domain, inactive=inactive)
+                entry[scope] = usb_hostdevs(xml_text)
+                entry["configs"][scope] = {"hostdevs": entry[scope], "intent": _intent.from_domain_xml(xml_text)}
+        domains.append(entry)
     return domains
 
 

@@ -180,6 +180,39 @@ ansible_facts:
       returned: always
       type: list
       elements: dict
+    usb_domains:
+      description:
+        - The libvirt domains of the host, each with the USB hostdevs and the passthrough intent (what
+          M(kvmhost.usb.usb_attach) recorded in its C(<metadata>)) of its running and persistent configuration.
+        - Empty when libvirt cannot be reached.
+      returned: always
+      type: list
+      elements: dict
+      contains:
+        name:
+          description: Domain name.
+          type: str
+        state:
+          description: C(running), C(paused), C(shutoff), ...
+          type: str
+        live:
+          description: The running configuration; null when the domain is not running.
+          type: dict
+          contains:
+            hostdevs:
+              description: >-
+                The USB hostdevs: C(vendor_id), C(product_id), C(bus), C(device), C(address) (C(BBB:DDD) or null),
+                C(startup_policy), C(devices) (ids of the present devices it designates) and C(stale) (true when it names
+                a bus/device address at which no such device is present, as after a replug or an unplug).
+              type: list
+              elements: dict
+            intent:
+              description: The intent entries, each the device C(id) and the C(selector) it was chosen by.
+              type: list
+              elements: dict
+        persistent:
+          description: The persistent configuration, like RV(ansible_facts.usb_domains[].live); null for a transient domain.
+          type: dict
     passthrough_enabled:
       description: >-
         The host agent's setting read back: true for C(disable_usb: false), false when USB passthrough is
@@ -191,6 +224,28 @@ ansible_facts:
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.kvmhost.usb.plugins.module_utils import _hostconf, _libvirt, _usb
+
+
+def hostdev_facts(hostdev, candidates):
+    designated = [device["id"] for device in candidates if _libvirt.hostdev_matches(hostdev, device)]
+    pinned = hostdev["bus"] is not None and hostdev["device"] is not None
+    return dict(
+        vendor_id=hostdev["vendor_id"],
+        product_id=hostdev["product_id"],
+        bus=hostdev["bus"],
+        device=hostdev["device"],
+        address="%03d:%03d" % (hostdev["bus"], hostdev["device"]) if pinned else None,
+        startup_policy=hostdev["startup_policy"],
+        devices=designated,
+        stale=pinned and not designated,
+    )
+
+
+def domain_facts(domain, candidates):
+    facts = dict(name=domain["name"], state=domain["state"], live=None, persistent=None)
+    for scope, config in domain["configs"].items():
+        facts[scope] = dict(hostdevs=[hostdev_facts(hostdev, candidates) for hostdev in config["hostdevs"]], intent=config["intent"])
+    return facts
 
 
 def main():
@@ -232,14 +287,16 @@ def main():
             module.warn("Not reporting attachments: %s" % error)
             domains = []
     _libvirt.add_attachments(devices, domains)
+    candidates = _usb.passthrough_candidates(devices)
 
-    listed = devices if module.params["include_hubs"] else _usb.passthrough_candidates(devices)
+    listed = devices if module.params["include_hubs"] else candidates
     listed = _usb.filter_devices(listed, filters)
     module.exit_json(
         changed=False,
         ansible_facts=dict(
             usb_devices=[_usb.public_view(device) for device in listed],
             usb_topology=topology,
+            usb_domains=[domain_facts(domain, candidates) for domain in domains],
             passthrough_enabled=_hostconf.passthrough_enabled(module.params["host_conf"]),
         ),
     )

@@ -327,3 +327,57 @@ def test_missing_pyudev_on_the_target_names_the_package():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_domains_with_hostdevs_intent_and_stale_addresses():
+    # The tablet was replugged as device 7: the hostdev pinned to 001:002 is stale; the stick is
+    # named by vendor:product; the intent of the first domain names the tablet.
+    tree = [root_hub(1), root_hub(2, usb3=True), hid("1-1", 7, serial="42"), KINGSTON]
+    specs = {
+        "kvmhost-usb-test-facts-dom-a": [domains.usb_hostdev_xml("0627", "0001", bus=1, device=2), domains.usb_hostdev_xml("0951", "1666")],
+        "kvmhost-usb-test-facts-dom-b": [],
+    }
+    with domains.defined_domains(specs) as conn:
+        conn.lookupByName("kvmhost-usb-test-facts-dom-a").setMetadata(
+            2,  # VIR_DOMAIN_METADATA_ELEMENT
+            '<passthrough><device id="0627:0001:42"><selector id="0627:0001:42"/></device></passthrough>',
+            "kvmhost-usb",
+            "http://kvmhost.usb/ns/passthrough/1",
+            2,  # VIR_DOMAIN_AFFECT_CONFIG
+        )
+        listed = dict((domain["name"], domain) for domain in facts(tree)["usb_domains"])
+    first = listed["kvmhost-usb-test-facts-dom-a"]
+    assert first["state"] == "shutoff"
+    assert first["live"] is None
+    assert first["persistent"] == {
+        "hostdevs": [
+            {
+                "vendor_id": "0627",
+                "product_id": "0001",
+                "bus": 1,
+                "device": 2,
+                "address": "001:002",
+                "startup_policy": None,
+                "devices": [],
+                "stale": True,
+            },
+            {
+                "vendor_id": "0951",
+                "product_id": "1666",
+                "bus": None,
+                "device": None,
+                "address": None,
+                "startup_policy": None,
+                "devices": ["0951:1666:E0D55EA5741AF160B9740A81"],
+                "stale": False,
+            },
+        ],
+        "intent": [{"id": "0627:0001:42", "selector": {"id": "0627:0001:42"}}],
+    }
+    assert listed["kvmhost-usb-test-facts-dom-b"]["persistent"] == {"hostdevs": [], "intent": []}
+
+
+def test_no_domains_reported_when_libvirt_is_unreachable():
+    result = run_module("usb_facts", dict(NO_HOST_CONF, uri="qemu+unix:///system?socket=/nonexistent/libvirt-sock"), REFERENCE)
+    assert result["rc"] == 0
+    assert result["ansible_facts"]["usb_domains"] == []
