@@ -263,10 +263,15 @@ def _replace(devices, old, wanted):
     else:
         controllers = [i for i, element in enumerate(children) if element.tag == "controller"]
         position = controllers[-1] + 1 if controllers else len(children)
+    neighbour = children[position - 1] if position else None
+    tail = neighbour.tail if neighbour is not None else devices.text
     for element in old:
         devices.remove(element)
     for offset, element in enumerate(wanted):
+        element.tail = tail
         devices.insert(position + offset, element)
+    if old and not wanted[-1] in old:
+        wanted[-1].tail = old[-1].tail
 
 
 def _drop_invalid_addresses(plan_, devices, index, ports):
