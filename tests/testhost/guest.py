@@ -7,6 +7,8 @@ USB passthrough test needs. It starts in seconds even under nested TCG.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +16,7 @@ if TYPE_CHECKING:
     from .host import TestHost
 
 DEFAULT_MEMORY_MIB = 32
+GUEST_USB_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guest_usb.py")
 URI = "qemu:///system"
 
 DOMAIN_XML = """<domain type='qemu'>
@@ -74,6 +77,19 @@ def parse_info_usb(text: str) -> list[dict[str, Any]]:
 
 
 def usb(host: TestHost, name: str) -> list[dict[str, Any]]:
-    """What the running guest ``name`` has on its USB buses, from its QEMU monitor."""
-    result = virsh(host, "qemu-monitor-command", name, "--hmp", "info usb")
-    return parse_info_usb(result.stdout)
+    """What the running guest ``name`` has on its USB buses, from its QEMU monitor.
+
+    Each device: ``bus``, ``address``, ``port``, ``speed``, ``product``, ``id`` (libvirt's
+    alias, such as hostdev0) as ``info usb`` prints them, and ``host`` for a passed-through
+    host device: ``{"attached", "hostbus", "hostaddr", "hostdevice"}`` as the guest's QEMU
+    holds it (None for an emulated device). QEMU notices a vanished host device only on I/O,
+    so after a replug an idle guest still lists the device: compare ``host`` with
+    ``TestHost.kernel_usb_devices()`` to see whether it is bound to the device now present.
+    """
+    with open(GUEST_USB_SCRIPT) as handle:
+        script = handle.read()
+    seen = json.loads(host.ssh("python3", "-", name, input=script).stdout)
+    devices = parse_info_usb(seen["info_usb"])
+    for device in devices:
+        device["host"] = seen["host_devices"].get(device["id"])
+    return devices
