@@ -66,7 +66,7 @@ def run_module(host: TestHost, module: str, args: dict[str, Any] | None = None, 
         command.append("--check")
     if diff:
         command.append("--diff")
-    process = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=900)
+    process = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=900, check=False)
     matches = list(RESULT_LINE.finditer(process.stdout))
     if not matches:
         raise AnsibleError("ansible %s printed no result (rc %d):\n%s\n%s" % (module, process.returncode, process.stdout, process.stderr))
@@ -84,7 +84,7 @@ def run_playbook(host: TestHost, playbook: str, extra_vars: dict[str, Any] | Non
         command += ["-e", json.dumps(extra_vars)]
     if check:
         command.append("--check")
-    return subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=1800)
+    return subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=1800, check=False)
 
 
 def usb_facts(host: TestHost, include_hubs: bool = True) -> list[dict[str, Any]]:

@@ -135,7 +135,7 @@ class TestHost:
     def stop(self) -> None:
         """Stop this test host's QEMU (and SSH master) if running; harmless when nothing runs."""
         if self.ssh_port and os.path.exists(self._path("ssh-control")):
-            subprocess.run(self._ssh_base() + ["-O", "exit", "root@127.0.0.1"], capture_output=True, timeout=10)
+            subprocess.run(self._ssh_base() + ["-O", "exit", "root@127.0.0.1"], capture_output=True, timeout=10, check=False)
         pid = self.pid()
         if pid is None:
             return
@@ -202,7 +202,7 @@ class TestHost:
         while True:
             if not self.is_running():
                 raise TestHostError("the test host's QEMU exited while booting; see %s" % self.serial_log)
-            result = subprocess.run(self.ssh_command(["true"], connect_timeout=30), capture_output=True, text=True)
+            result = subprocess.run(self.ssh_command(["true"], connect_timeout=30), capture_output=True, text=True, check=False)
             if result.returncode == 0:
                 return
             if time.monotonic() > deadline:
@@ -279,7 +279,7 @@ class TestHost:
         result = subprocess.run(
             self.ssh_command(list(argv)),
             input=input, capture_output=True, text=True, timeout=timeout,
-            stdin=None if input is not None else subprocess.DEVNULL,
+            stdin=None if input is not None else subprocess.DEVNULL, check=False,
         )
         if check and result.returncode != 0:
             raise TestHostError("on the test host, %s failed (rc %d): %s" % (" ".join(argv), result.returncode, result.stderr.strip()))
