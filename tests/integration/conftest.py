@@ -18,12 +18,16 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.testhost import TestHost
-from tests.testhost.host import stop_all
+from tests.testhost.host import owned_name, remove_orphans
+
+# Test hosts are named pytest-<PID of this session>[-name]: sessions running side by side
+# (two developers, or a developer and CI) never share or stop each other's test host.
+PREFIX = "pytest"
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     # A crashed earlier session may have left its test hosts running: they would only eat CPU.
-    stop_all(prefix="pytest")
+    remove_orphans(PREFIX)
 
 
 @pytest.fixture(scope="session")
@@ -33,11 +37,11 @@ def testhost() -> Iterator[TestHost]:
     A test that changes the devices (unplug, replug elsewhere) puts them back as declared
     before it ends, so that the next test finds the default topology.
     """
-    host = TestHost("pytest").start()
+    host = TestHost(owned_name(PREFIX)).start()
     try:
         yield host
     finally:
-        host.stop()
+        host.remove()
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +50,7 @@ def testhost_factory() -> Iterator[Callable[..., TestHost]]:
     started: list[TestHost] = []
 
     def start(name: str, topology_file: str, memory_mib: int = 1024) -> TestHost:
-        host = TestHost("pytest-" + name, topology_file, memory_mib=memory_mib)
+        host = TestHost(owned_name(PREFIX, name), topology_file, memory_mib=memory_mib)
         started.append(host)
         return host.start()
 
@@ -54,7 +58,7 @@ def testhost_factory() -> Iterator[Callable[..., TestHost]]:
         yield start
     finally:
         for host in started:
-            host.stop()
+            host.remove()
 
 
 @pytest.fixture

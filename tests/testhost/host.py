@@ -18,6 +18,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -151,6 +152,11 @@ class TestHost:
         # QEMU removes its pidfile when it exits cleanly; a killed one leaves it.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.pidfile)
+
+    def remove(self) -> None:
+        """Stop the test host and delete its run directory."""
+        self.stop()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def pid(self) -> int | None:
         """The PID of this run's QEMU if it is alive; the pidfile of a dead one is removed."""
@@ -357,12 +363,29 @@ class TestHost:
 
 
 def stop_all(prefix: str = "") -> None:
-    """Stop every test host whose name starts with ``prefix``: the leftovers of crashed runs."""
+    """Stop every test host whose name starts with ``prefix``."""
     if not os.path.isdir(RUN_ROOT):
         return
     for name in sorted(os.listdir(RUN_ROOT)):
         if name.startswith(prefix) and os.path.isdir(os.path.join(RUN_ROOT, name)):
             TestHost(name).stop()
+
+
+def owned_name(prefix: str, suffix: str = "") -> str:
+    """A test host name owned by this process (``prefix-PID[-suffix]``), see remove_orphans()."""
+    return "%s-%d%s" % (prefix, os.getpid(), "-" + suffix if suffix else "")
+
+
+def remove_orphans(prefix: str) -> None:
+    """Stop and remove the test hosts named by owned_name(prefix) whose owner process is gone:
+    what a crashed or killed test session left. Hosts of live sessions are left alone."""
+    if not os.path.isdir(RUN_ROOT):
+        return
+    pattern = re.compile(r"^%s-(\d+)(?:-.*)?$" % re.escape(prefix))
+    for name in sorted(os.listdir(RUN_ROOT)):
+        match = pattern.match(name)
+        if match and not os.path.exists("/proc/%s" % match.group(1)):
+            TestHost(name).remove()
 
 
 def _make_stick(path: str, size_mib: int) -> None:
