@@ -268,11 +268,18 @@ class Passthrough:
         self.steps.append(Step(domain=domain, scope=scope, action=action, hostdev=hostdev))
         self._touch(domain)
 
+    def bound(self, hostdev, device, scope):
+        """Whether the hostdev designates exactly this device; live, only by its bus/device address
+        (a live hostdev without one is what libvirt leaves of an optional device that was absent at start)."""
+        if scope == LIVE and (hostdev["bus"] is None or hostdev["device"] is None):
+            return False
+        return self.targets(hostdev) == [device]
+
     def plan_attach(self, domain, scopes, selector, device):
         for scope in scopes:
             config = domain.configs[scope]
             standing = [hostdev for hostdev in config.hostdevs if self.stands_for(hostdev, device, config)]
-            if not any(self.targets(hostdev) == [device] for hostdev in standing):
+            if not any(self.bound(hostdev, device, scope) for hostdev in standing):
                 if standing:
                     # Left by a replug, or too vague to start the domain: re-bind it.
                     self._hostdev_step(domain, scope, "detach", standing[0])
@@ -299,6 +306,12 @@ class Passthrough:
             if remaining != config.intent:
                 config.intent[:] = remaining
                 self._touch(domain)
+
+    def plan_unplugged(self, domain, scope, device):
+        """Take the hostdevs that stand for a device that is not plugged in out of one configuration; the intent stays."""
+        config = domain.configs[scope]
+        for hostdev in [hostdev for hostdev in config.hostdevs if self.stands_for(hostdev, device, config)]:
+            self._hostdev_step(domain, scope, "detach", hostdev)
 
     def plan_detach(self, domain, device):
         for scope, config in domain.configs.items():

@@ -207,7 +207,11 @@ ansible_facts:
               type: list
               elements: dict
             intent:
-              description: The intent entries, each the device C(id) and the C(selector) it was chosen by.
+              description:
+                - The intent entries, each the device C(id), the C(selector) it was chosen by, and its C(status) in this configuration.
+                - C(attached) when a hostdev of the configuration designates the present device (in the running
+                  configuration, by its bus/device address); C(missing) when the device is not plugged in; C(stale) when
+                  it is plugged in and no hostdev designates it, as after a replug that the reattach agent has not caught up with.
               type: list
               elements: dict
         persistent:
@@ -241,10 +245,24 @@ def hostdev_facts(hostdev, candidates):
     )
 
 
+def intent_status(entry, hostdevs, candidates, scope):
+    """``attached``: a hostdev of the configuration designates the present device (live: by its address);
+    ``missing``: the device is not plugged in; ``stale``: it is, and no hostdev designates it (left by a replug)."""
+    present = [device for device in candidates if device["id"] == entry["id"]]
+    if not present:
+        return "missing"
+    for hostdev in hostdevs:
+        pinned = hostdev["bus"] is not None and hostdev["device"] is not None
+        if (pinned or scope == "persistent") and _libvirt.hostdev_matches(hostdev, present[0]):
+            return "attached"
+    return "stale"
+
+
 def domain_facts(domain, candidates):
     facts = dict(name=domain["name"], state=domain["state"], live=None, persistent=None)
     for scope, config in domain["configs"].items():
-        facts[scope] = dict(hostdevs=[hostdev_facts(hostdev, candidates) for hostdev in config["hostdevs"]], intent=config["intent"])
+        intent = [dict(entry, status=intent_status(entry, config["hostdevs"], candidates, scope)) for entry in config["intent"]]
+        facts[scope] = dict(hostdevs=[hostdev_facts(hostdev, candidates) for hostdev in config["hostdevs"]], intent=intent)
     return facts
 
 

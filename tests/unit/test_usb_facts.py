@@ -372,9 +372,35 @@ def test_domains_with_hostdevs_intent_and_stale_addresses():
                 "stale": False,
             },
         ],
-        "intent": [{"id": "0627:0001:42", "selector": {"id": "0627:0001:42"}}],
+        "intent": [{"id": "0627:0001:42", "selector": {"id": "0627:0001:42"}, "status": "stale"}],
     }
     assert listed["kvmhost-usb-test-facts-dom-b"]["persistent"] == {"hostdevs": [], "intent": []}
+
+
+def test_declared_devices_attached_missing_or_stale():
+    # dom-a holds the stick by vendor:product (attached) and declares an unplugged dongle (missing);
+    # dom-b declares the tablet that was replugged as device 7 while its hostdev names 001:002 (stale).
+    tree = [root_hub(1), root_hub(2, usb3=True), hid("1-1", 7, serial="42"), KINGSTON]
+    specs = {
+        "kvmhost-usb-test-facts-status-a": [domains.usb_hostdev_xml("0951", "1666")],
+        "kvmhost-usb-test-facts-status-b": [domains.usb_hostdev_xml("0627", "0001", bus=1, device=2)],
+    }
+    intents = {
+        "kvmhost-usb-test-facts-status-a": '<device id="0951:1666:E0D55EA5741AF160B9740A81"><selector vendor_id="0951" product_id="1666"/></device>'
+        '<device id="0529:0001:1A2B3C"><selector serial="1A2B3C"/></device>',
+        "kvmhost-usb-test-facts-status-b": '<device id="0627:0001:42"><selector serial="42"/></device>',
+    }
+    with domains.defined_domains(specs) as conn:
+        for name, entries in intents.items():
+            conn.lookupByName(name).setMetadata(2, "<passthrough>%s</passthrough>" % entries, "kvmhost-usb", "http://kvmhost.usb/ns/passthrough/1", 2)
+        listed = dict((domain["name"], domain) for domain in facts(tree)["usb_domains"])
+    statuses = dict(
+        (name, [(entry["id"], entry["status"]) for entry in listed[name]["persistent"]["intent"]]) for name in intents
+    )
+    assert statuses == {
+        "kvmhost-usb-test-facts-status-a": [("0951:1666:E0D55EA5741AF160B9740A81", "attached"), ("0529:0001:1A2B3C", "missing")],
+        "kvmhost-usb-test-facts-status-b": [("0627:0001:42", "stale")],
+    }
 
 
 def test_no_domains_reported_when_libvirt_is_unreachable():

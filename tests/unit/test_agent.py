@@ -1,0 +1,141 @@
+"""The reattach agent's pass (plugins/module_utils/_agent.py) against the real local libvirtd, with
+USB trees described to umockdev, and its debounce with a fake clock.
+
+This machine has no USB, so a pass is shown on persistent configurations of defined domains: the
+re-bind after a replug, the hostdev put back, domains without intent left alone, check mode. The
+live side (attach on appearance, stale hostdev removed on unplug, a domain started without its
+device) runs on the test host: tests/integration/test_agent_testhost.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+from tests.lib import usbtree
+from tests.lib.modrun import collection_root
+from tests.unit.passthrough_support import (
+    KINGSTON_ID,
+    TWINS,
+    attach,
+    domains,  # noqa: F401 (fixture)
+    hostdev,
+    hostdevs,
+    intent,
+    metadata,
+    source_xml,
+)
+from tests.unit.trees import KINGSTON, REFERENCE, hid
+
+# The debounce is tested in this process.
+sys.path.insert(0, collection_root())
+from ansible_collections.kvmhost.usb.plugins.module_utils._agent import Debouncer  # noqa: E402
+
+AGENT = "ansible_collections.kvmhost.usb.plugins.module_utils._agent"
+# The twins after the tablet with serial 42 was replugged: device 2 became device 7.
+REPLUGGED = REFERENCE[:1] + [hid("1-1", 7, serial="42")] + REFERENCE[2:] + [hid("1-2", 3, serial="43")]
+
+
+def agent_pass(devices, *options):
+    """One pass of the agent (``--once``) under umockdev: its output lines."""
+    with tempfile.TemporaryDirectory(prefix="kvmhost-usb-agent-") as tmp:
+        tree = os.path.join(tmp, "tree.umockdev")
+        with open(tree, "w") as handle:
+            handle.write(usbtree.render(devices))
+        command = ["umockdev-run", "-d", tree, "--", sys.executable, "-m", AGENT, "--once"] + list(options)
+        env = dict(os.environ, PYTHONPATH=collection_root())
+        process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert process.returncode == 0, process.stderr
+    return process.stdout.splitlines()
+
+
+def ours(lines, name):
+    return [line for line in lines if " %s " % name in line]
+
+
+def test_replug_rebinds_the_persistent_hostdev_once(domains):
+    name = domains.define("agent-rebind")
+    assert attach({"domain": name, "devices": ["0627:0001:42"]}, TWINS)["changed"] is True
+    assert hostdevs(domains.inactive(name)) == [hostdev("0627", "0001", 1, 2)]
+    assert ours(agent_pass(REPLUGGED), name) == ["re-bound 0627:0001:42 in %s (persistent, address 001:007)" % name]
+    xml = domains.inactive(name)
+    assert hostdevs(xml) == [hostdev("0627", "0001", 1, 7)]
+    assert metadata(xml) == intent(("0627:0001:42", {"id": "0627:0001:42"}))
+    assert ours(agent_pass(REPLUGGED), name) == []
+    assert domains.inactive(name) == xml
+
+
+def test_check_mode_says_what_it_would_do_and_changes_nothing(domains):
+    name = domains.define("agent-check")
+    attach({"domain": name, "devices": ["0627:0001:42"]}, TWINS)
+    before = domains.inactive(name)
+    assert ours(agent_pass(REPLUGGED, "--check"), name) == [
+        "would have re-bound 0627:0001:42 in %s (persistent, address 001:007)" % name
+    ]
+    assert domains.inactive(name) == before
+
+
+def test_hostdev_taken_away_by_hand_is_put_back(domains):
+    name = domains.define("agent-putback")
+    attach({"domain": name, "devices": ["0951:1666"]})
+    written = "<hostdev mode='subsystem' type='usb'><source startupPolicy='optional'><vendor id='0x0951'/><product id='0x1666'/></source></hostdev>"
+    domains.lookup(name).detachDeviceFlags(written, 2)  # VIR_DOMAIN_AFFECT_CONFIG
+    assert hostdevs(domains.inactive(name)) == []
+    assert ours(agent_pass(REFERENCE), name) == ["attached %s to %s (persistent, by vendor:product)" % (KINGSTON_ID, name)]
+    assert hostdevs(domains.inactive(name)) == [hostdev("0951", "1666")]
+
+
+def test_absent_device_keeps_hostdev_and_intent(domains):
+    name = domains.define("agent-absent")
+    attach({"domain": name, "devices": ["0627:0001:42"]}, TWINS)
+    before = domains.inactive(name)
+    without_tablet = [device for device in TWINS if device.get("serial") != "42"]
+    assert ours(agent_pass(without_tablet), name) == []
+    assert domains.inactive(name) == before
+
+
+def test_domains_without_intent_are_never_touched(domains):
+    # A hand-written hostdev at the replugged tablet's old address, and one with no device at all:
+    # stale both, but the domain declares nothing, so the agent leaves it byte for byte.
+    name = domains.define("agent-foreign", [source_xml("0627", "0001", 1, 2), source_xml("0951", "1666", 2, 9)])
+    before = domains.inactive(name)
+    assert ours(agent_pass(REPLUGGED), name) == []
+    assert domains.inactive(name) == before
+
+
+def test_unique_device_replugged_needs_nothing(domains):
+    name = domains.define("agent-unique")
+    attach({"domain": name, "devices": ["0951:1666"]})
+    before = domains.inactive(name)
+    replugged = [dict(device, devnum=9) if device is KINGSTON else device for device in REFERENCE]
+    assert ours(agent_pass(replugged), name) == []
+    assert domains.inactive(name) == before
+
+
+def test_debounce_waits_for_a_quiet_moment():
+    debouncer = Debouncer(quiet=0.5, longest=3.0)
+    assert not debouncer.due(0.0)
+    for now in (10.0, 10.2, 10.4, 10.6):
+        debouncer.poke(now)
+        assert not debouncer.due(now + 0.1)
+    assert not debouncer.due(11.0)
+    assert debouncer.due(11.1)
+    debouncer.clear()
+    assert not debouncer.pending
+    assert not debouncer.due(20.0)
+
+
+def test_debounce_does_not_wait_forever_in_an_endless_storm():
+    debouncer = Debouncer(quiet=0.5, longest=3.0)
+    now = 0.0
+    passes = []
+    while now < 10.0:
+        debouncer.poke(now)
+        if debouncer.due(now + 0.05):
+            passes.append(round(now, 1))
+            debouncer.clear()
+        now += 0.2
+    # Events every 0.2 s never leave 0.5 s of quiet: a pass every 3 s all the same.
+    assert passes == [3.0, 6.2, 9.4]
