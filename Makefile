@@ -9,7 +9,7 @@ COLLECTIONS := build/collections
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/$(COLLECTIONS)
 
-.PHONY: all setup libvirtd collection-link demo test unit sanity lint docs build integration molecule benchmark clean
+.PHONY: all setup libvirtd collection-link demo test unit sanity lint docs build testhost-image integration molecule benchmark clean
 
 all: test
 
@@ -47,10 +47,14 @@ docs: setup
 build: setup
 	$(VENV)/bin/ansible-galaxy collection build --force --output-path build/dist .
 
-integration: setup
+# The test-host image (cached by recipe hash), built here so that its progress shows.
+testhost-image: setup
+	$(PY) -m tests.testhost build
+
+integration: setup testhost-image
 	$(PY) -m pytest -q tests/integration
 
-molecule: setup
+molecule: setup testhost-image
 	cd extensions && ../$(VENV)/bin/molecule test --all
 
 benchmark: setup
