@@ -264,7 +264,7 @@ class Agent:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="kvmhost-usb-agent", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="kvmhost-usb-agent", description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--uri", default="qemu:///system", help="libvirt URI (default: %(default)s)")
     parser.add_argument("--quiet", type=float, default=0.5, help="seconds without events before a pass (default: %(default)s)")
     parser.add_argument("--longest", type=float, default=3.0, help="longest delay of a pass in a burst of events (default: %(default)s)")
@@ -283,7 +283,7 @@ def main(argv=None):
             return 1
         try:
             for line in reconcile(conn, args.uri, check_mode=args.check):
-                print(line, flush=True)
+                sys.stdout.write(line + "\n")
         except (_passthrough.PassthroughError, _libvirt.libvirt.libvirtError) as error:
             sys.stderr.write("%s\n" % error)
             return 1
@@ -298,4 +298,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

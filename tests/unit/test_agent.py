@@ -16,11 +16,11 @@ import tempfile
 
 from tests.lib import usbtree
 from tests.lib.modrun import collection_root
+from tests.unit import passthrough_support
 from tests.unit.passthrough_support import (
     KINGSTON_ID,
     TWINS,
     attach,
-    domains,  # noqa: F401 (fixture)
     hostdev,
     hostdevs,
     intent,
@@ -33,6 +33,7 @@ from tests.unit.trees import KINGSTON, REFERENCE, hid
 sys.path.insert(0, collection_root())
 from ansible_collections.kvmhost.usb.plugins.module_utils._agent import Debouncer  # noqa: E402
 
+domains = passthrough_support.domains  # the fixture
 AGENT = "ansible_collections.kvmhost.usb.plugins.module_utils._agent"
 # The twins after the tablet with serial 42 was replugged: device 2 became device 7.
 REPLUGGED = REFERENCE[:1] + [hid("1-1", 7, serial="42")] + REFERENCE[2:] + [hid("1-2", 3, serial="43")]
