@@ -29,14 +29,14 @@ description:
     The speed warnings need pyudev; without it they are left out.
   - Changes are serialised on the host with usb_attach and usb_detach by a lock (C(/run/lock/kvmhost-usb.lock)).
 author:
-  - kvmhost.usb contributors
+  - kvmhost.usb contributors (!UNKNOWN)
 extends_documentation_fragment:
   - kvmhost.usb.common.libvirt
   - kvmhost.usb.common.attributes
 attributes:
   check_mode:
     support: full
-    details: Nothing is changed; RV(changed), RV(controller) and the diff say what would change.
+    details: Nothing is changed; the result (RV(controller), RV(restarted)) and the diff say what would change.
   diff_mode:
     support: full
     details: Shows the USB controller elements, and the devices that lose their USB port, before and after.
