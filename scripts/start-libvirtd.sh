@@ -15,10 +15,16 @@ if ! pgrep -x libvirtd >/dev/null; then
         # The tests run TCG guests only. Where /dev/kvm exists but cannot run guests, libvirt's
         # capability probe through KVM stalls for minutes and, finding KVM unusable yet the device
         # accessible, starts over on every define. So the libvirtd started here gets its own mount
-        # namespace in which /dev/kvm is an inaccessible file: libvirt then probes TCG only, once.
+        # namespace in which /dev/kvm is an inaccessible file (libvirt then probes TCG only, once)
+        # and whose qemu.conf gives guests no private /dev (which could not carry that mount over).
         : >/run/kvmhost-usb/no-kvm
         chmod 000 /run/kvmhost-usb/no-kvm
-        unshare --mount --propagation private sh -c 'mount --bind /run/kvmhost-usb/no-kvm /dev/kvm && exec libvirtd -d'
+        cp /etc/libvirt/qemu.conf /run/kvmhost-usb/qemu.conf
+        echo 'namespaces = []' >>/run/kvmhost-usb/qemu.conf
+        unshare --mount --propagation private sh -c '
+            mount --bind /run/kvmhost-usb/no-kvm /dev/kvm &&
+            mount --bind /run/kvmhost-usb/qemu.conf /etc/libvirt/qemu.conf &&
+            exec libvirtd -d'
     else
         libvirtd -d
     fi
