@@ -416,8 +416,8 @@ def test_check_mode_on_a_running_domain_plans_live_then_persistent(running):
         '<address bus="2" device="2" /></source></hostdev>' % name,
         'attach to %s (persistent): <hostdev mode="subsystem" type="usb"><source startupPolicy="optional"><vendor id="0x0951" />'
         '<product id="0x1666" /></source></hostdev>' % name,
-        "record the intent of %s (persistent): %s" % (name, KINGSTON_ID),
         "record the intent of %s (live): %s" % (name, KINGSTON_ID),
+        "record the intent of %s (persistent): %s" % (name, KINGSTON_ID),
     ]
     assert "%s (live configuration):\n" % name in result["diff"]["after"]
     assert created.snapshot() == before
