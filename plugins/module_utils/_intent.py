@@ -29,7 +29,7 @@ ROOT = "passthrough"
 ET.register_namespace(PREFIX, NAMESPACE)
 
 
-def from_domain_xml(xml_text):
+def from_domain_xml(xml_text: str) -> list[dict]:
     """The intent entries of a domain XML: a list of ``{"id": ..., "selector": {...}}``."""
     root = ET.fromstring(xml_text)
     element = root.find("./metadata/{%s}%s" % (NAMESPACE, ROOT))
@@ -44,7 +44,7 @@ def from_domain_xml(xml_text):
     return entries
 
 
-def to_xml(entries, namespace=None):
+def to_xml(entries: list[dict], namespace: str | None = None) -> str:
     """The metadata element for the entries, as ``setMetadata`` takes it (no namespace) or, with
     ``namespace``, qualified for display."""
     tag = "{%s}%%s" % namespace if namespace else "%s"
@@ -55,7 +55,7 @@ def to_xml(entries, namespace=None):
     return ET.tostring(root, encoding="unicode")
 
 
-def display(entries):
+def display(entries: list[dict]) -> str:
     """The entries as they read in the domain XML, one line per element, for diffs."""
     element = ET.fromstring(to_xml(entries, namespace=NAMESPACE))
     ET.indent(element)

@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import os
 
+from typing import Any
+
 from ansible_collections.kvmhost.usb.plugins.module_utils._usb import pyudev
 
 MOUNTINFO = "/proc/self/mountinfo"
 
 
-def _unescape(field):
+def _unescape(field: str) -> str:
     # mountinfo writes space, tab, newline and backslash in octal.
     for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
         field = field.replace(code, char)
     return field
 
 
-def mount_table(path=MOUNTINFO):
+def mount_table(path: str = MOUNTINFO) -> list[tuple[str, str, str]]:
     """``(major:minor, source, mount point)`` of every mount."""
     table = []
     with open(path, "r") as handle:
@@ -38,7 +40,7 @@ def mount_table(path=MOUNTINFO):
     return table
 
 
-def _devno(block):
+def _devno(block: Any) -> str | None:
     major = block.properties.get("MAJOR")
     minor = block.properties.get("MINOR")
     if major is not None and minor is not None:
@@ -47,7 +49,7 @@ def _devno(block):
     return dev.decode("ascii", "replace").strip() if dev else None
 
 
-def _with_holders(context, blocks):
+def _with_holders(context: Any, blocks: list) -> list:
     found = dict((block.sys_path, block) for block in blocks)
     pending = list(blocks)
     while pending:
@@ -67,7 +69,7 @@ def _with_holders(context, blocks):
     return list(found.values())
 
 
-def backing_mounts(context, sys_path, table):
+def backing_mounts(context: Any, sys_path: str, table: list[tuple[str, str, str]]) -> list[str]:
     """The mounts (``"mount point (device node)"``) that the USB device at ``sys_path`` backs."""
     prefix = sys_path.rstrip("/") + "/"
     blocks = [block for block in context.list_devices(subsystem="block") if block.sys_path.startswith(prefix)]

@@ -27,6 +27,7 @@ import os
 import tempfile
 
 from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 from ansible_collections.kvmhost.usb.plugins.module_utils import _intent, _libvirt, _mounts, _usb
 
@@ -50,14 +51,14 @@ class Config:
 
 @dataclass
 class Domain:
-    handle: object
+    handle: Any
     name: str
     uuid: str
     state: str
     configs: dict
     before: dict = field(default_factory=dict)
 
-    def summary(self):
+    def summary(self) -> dict:
         return {"name": self.name, "uuid": self.uuid, "state": self.state}
 
 
@@ -70,7 +71,7 @@ class Step:
     intent: list | None = None
     previous: list | None = None
 
-    def describe(self):
+    def describe(self) -> str:
         if self.action == "intent":
             ids = ", ".join(entry["id"] for entry in self.intent) or "none"
             return "record the intent of %s (%s): %s" % (self.domain.name, self.scope, ids)
@@ -83,14 +84,14 @@ class Step:
         )
 
 
-def normalize_selectors(items, allow_empty=False):
+def normalize_selectors(items: list, allow_empty: bool = False) -> list[dict]:
     if not items and not allow_empty:
         raise _usb.SelectorError("No devices given: 'devices' needs at least one selector")
     return [_usb.normalize_selector(item) for item in items]
 
 
 @contextlib.contextmanager
-def host_lock(path=None):
+def host_lock(path: str | None = None) -> Iterator[None]:
     """Serialise passthrough changes on this host, across processes (flock, released on exit)."""
     path = path or os.environ.get(LOCK_PATH_ENV) or LOCK_PATH
     if not os.path.isdir(os.path.dirname(path)):
@@ -106,11 +107,11 @@ def host_lock(path=None):
         os.close(descriptor)
 
 
-def _read_config(xml_text):
+def _read_config(xml_text: str) -> Config:
     return Config(hostdevs=_libvirt.usb_hostdevs(xml_text), intent=_intent.from_domain_xml(xml_text))
 
 
-def load_domain(handle):
+def load_domain(handle: Any) -> Domain:
     configs = {}
     if handle.isActive():
         configs[LIVE] = _read_config(_libvirt.domain_xml(handle))
@@ -126,17 +127,17 @@ def load_domain(handle):
     )
 
 
-def _vendor_product(item):
+def _vendor_product(item: dict) -> tuple:
     return (item.get("vendor_id"), item.get("product_id"))
 
 
-def absent_device(device_id):
+def absent_device(device_id: str) -> dict:
     """A stand-in for a device that is not plugged in, known only by the id an intent recorded."""
     return {"id": device_id, "vendor_id": device_id[0:4], "product_id": device_id[5:9], "vendor_device_id": device_id[0:9]}
 
 
 class Passthrough:
-    def __init__(self, conn, uri, check_mode):
+    def __init__(self, conn: Any, uri: str, check_mode: bool) -> None:
         self.conn = conn
         self.uri = uri
         self.check_mode = check_mode
@@ -149,11 +150,11 @@ class Passthrough:
 
     # Reading the host
 
-    def enumerate(self):
+    def enumerate(self) -> None:
         self.devices = _usb.enumerate_devices(self.context)
         self.candidates = _usb.passthrough_candidates(self.devices)
 
-    def lookup(self, name_or_uuid):
+    def lookup(self, name_or_uuid: str) -> Any:
         try:
             handle = _libvirt.lookup_domain(self.conn, name_or_uuid)
             if handle is not None:
@@ -163,7 +164,7 @@ class Passthrough:
             raise PassthroughError("Cannot look up domain %r at %s: %s" % (name_or_uuid, self.uri, _libvirt.error_message(error)))
         raise PassthroughError("Unknown domain %r at %s; its domains: %s" % (name_or_uuid, self.uri, ", ".join(names) or "none"))
 
-    def load_domains(self):
+    def load_domains(self) -> None:
         domains = []
         try:
             handles = self.conn.listAllDomains(0)
@@ -177,13 +178,13 @@ class Passthrough:
                     raise PassthroughError("Cannot read domain %s: %s" % (handle.name(), _libvirt.error_message(error)))
         self.domains = domains
 
-    def domain_by_uuid(self, uuid):
+    def domain_by_uuid(self, uuid: str) -> Domain:
         for domain in self.domains:
             if domain.uuid == uuid:
                 return domain
         raise PassthroughError("Domain %s disappeared while it was being changed" % uuid)
 
-    def resolve(self, selectors):
+    def resolve(self, selectors: list[dict]) -> list[tuple[dict, dict]]:
         resolved = []
         for selector in selectors:
             device = _usb.select_device(self.devices, selector)
@@ -196,7 +197,7 @@ class Passthrough:
             resolved.append((selector, device))
         return resolved
 
-    def refuse_host_critical(self, devices):
+    def refuse_host_critical(self, devices: list[dict]) -> None:
         table = _mounts.mount_table()
         for device in devices:
             mounts = _mounts.backing_mounts(self.context, device["sys_path"], table)
@@ -208,10 +209,10 @@ class Passthrough:
 
     # Which hostdevs stand for which device
 
-    def targets(self, hostdev):
+    def targets(self, hostdev: dict) -> list[dict]:
         return [device for device in self.candidates if _libvirt.hostdev_matches(hostdev, device)]
 
-    def stands_for(self, hostdev, device, config):
+    def stands_for(self, hostdev: dict, device: dict, config: Config) -> bool:
         found = self.targets(hostdev)
         if found:
             if device not in found:
@@ -225,12 +226,12 @@ class Passthrough:
             return True
         return not any(name[0:9] == device["vendor_device_id"] for name in named)
 
-    def holds(self, config, device):
+    def holds(self, config: Config, device: dict) -> bool:
         if any(entry["id"] == device["id"] for entry in config.intent):
             return True
         return any(self.targets(hostdev) and self.stands_for(hostdev, device, config) for hostdev in config.hostdevs)
 
-    def holders(self, device, exclude=None):
+    def holders(self, device: dict, exclude: Domain | None = None) -> list[tuple[Domain, list[str]]]:
         """``[(domain, [scopes])]`` of the domains holding the device."""
         found = []
         for domain in self.domains:
@@ -241,7 +242,7 @@ class Passthrough:
                 found.append((domain, scopes))
         return found
 
-    def wanted_hostdev(self, device, scope):
+    def wanted_hostdev(self, device: dict, scope: str) -> dict:
         """Live: the exact device. Persistent: vendor:product, with the address only when another
         device of the host has the same vendor:product, and optional so the domain starts without it."""
         hostdev = {"vendor_id": device["vendor_id"], "product_id": device["product_id"], "bus": None, "device": None, "startup_policy": None}
@@ -255,11 +256,11 @@ class Passthrough:
 
     # Planning: each step changes the model at once and is carried out later
 
-    def _touch(self, domain):
+    def _touch(self, domain: Domain) -> None:
         if domain not in self.touched:
             self.touched.append(domain)
 
-    def _hostdev_step(self, domain, scope, action, hostdev):
+    def _hostdev_step(self, domain: Domain, scope: str, action: str, hostdev: dict) -> None:
         hostdevs = domain.configs[scope].hostdevs
         if action == "attach":
             hostdevs.append(hostdev)
@@ -268,14 +269,14 @@ class Passthrough:
         self.steps.append(Step(domain=domain, scope=scope, action=action, hostdev=hostdev))
         self._touch(domain)
 
-    def bound(self, hostdev, device, scope):
+    def bound(self, hostdev: dict, device: dict, scope: str) -> bool:
         """Whether the hostdev designates exactly this device; live, only by its bus/device address
         (a live hostdev without one is what libvirt leaves of an optional device that was absent at start)."""
         if scope == LIVE and (hostdev["bus"] is None or hostdev["device"] is None):
             return False
         return self.targets(hostdev) == [device]
 
-    def plan_attach(self, domain, scopes, selector, device):
+    def plan_attach(self, domain: Domain, scopes: list[str], selector: dict, device: dict) -> None:
         for scope in scopes:
             config = domain.configs[scope]
             standing = [hostdev for hostdev in config.hostdevs if self.stands_for(hostdev, device, config)]
@@ -294,7 +295,7 @@ class Passthrough:
                 intent.append(entry)
             self._touch(domain)
 
-    def plan_exclusive(self, domain, scopes, kept):
+    def plan_exclusive(self, domain: Domain, scopes: list[str], kept: list[dict]) -> None:
         """Take from the domain every USB device it holds other than ``kept``: the hostdevs that stand
         for none of them (stale ones and hand-written ones included) and the other intent entries."""
         kept_ids = [device["id"] for device in kept]
@@ -307,13 +308,13 @@ class Passthrough:
                 config.intent[:] = remaining
                 self._touch(domain)
 
-    def plan_unplugged(self, domain, scope, device):
+    def plan_unplugged(self, domain: Domain, scope: str, device: dict) -> None:
         """Take the hostdevs that stand for a device that is not plugged in out of one configuration; the intent stays."""
         config = domain.configs[scope]
         for hostdev in [hostdev for hostdev in config.hostdevs if self.stands_for(hostdev, device, config)]:
             self._hostdev_step(domain, scope, "detach", hostdev)
 
-    def plan_detach(self, domain, device):
+    def plan_detach(self, domain: Domain, device: dict) -> None:
         for scope, config in domain.configs.items():
             for hostdev in [hostdev for hostdev in config.hostdevs if self.stands_for(hostdev, device, config)]:
                 self._hostdev_step(domain, scope, "detach", hostdev)
@@ -322,7 +323,7 @@ class Passthrough:
                 config.intent[:] = kept
                 self._touch(domain)
 
-    def _intent_steps(self):
+    def _intent_steps(self) -> list[Step]:
         steps = []
         for domain in self.touched:
             for scope, config in domain.configs.items():
@@ -333,12 +334,12 @@ class Passthrough:
 
     # Carrying it out
 
-    def ordered_steps(self):
+    def ordered_steps(self) -> list[Step]:
         live = [step for step in self.steps if step.scope == LIVE]
         persistent = [step for step in self.steps if step.scope == PERSISTENT]
         return live + persistent + self._intent_steps()
 
-    def execute(self):
+    def execute(self) -> list[Step]:
         steps = self.ordered_steps()
         if self.check_mode:
             return steps
@@ -355,7 +356,7 @@ class Passthrough:
             done.append(step)
         return steps
 
-    def _undo(self, done):
+    def _undo(self, done: list[Step]) -> list[str]:
         problems = []
         for step in reversed(done):
             try:
@@ -364,7 +365,7 @@ class Passthrough:
                 problems.append("%s: %s" % (step.describe(), _libvirt.error_message(error)))
         return problems
 
-    def start(self, domain):
+    def start(self, domain: Domain) -> None:
         if not self.check_mode:
             try:
                 domain.handle.create()
@@ -374,7 +375,7 @@ class Passthrough:
 
     # Reporting
 
-    def device_view(self, device):
+    def device_view(self, device: dict) -> dict:
         view = _usb.public_view(device)
         view["attached_to"] = dict(
             (scope, sorted(domain.name for domain in self.domains if scope in domain.configs and self.holds(domain.configs[scope], device)))
@@ -382,19 +383,28 @@ class Passthrough:
         )
         return view
 
-    def diff(self, domains):
+    def diff(self, domains: list[Domain]) -> dict:
         return {
             "before": "".join(_render(domain, domain.before) for domain in domains),
             "after": "".join(_render(domain, domain.configs) for domain in domains),
         }
 
-    def result(self, steps, started):
+    def result(self, steps: list[Step], started: list[Domain]) -> dict:
         actions = [step.describe() for step in steps] + ["start %s" % domain.name for domain in started]
         return {"changed": bool(actions), "actions": actions}
 
     # The two operations
 
-    def attach(self, domain_name, selectors, persistent=True, auto_start=False, steal=False, allow_host_critical=False, exclusive=False):
+    def attach(
+        self,
+        domain_name: str,
+        selectors: list[dict],
+        persistent: bool = True,
+        auto_start: bool = False,
+        steal: bool = False,
+        allow_host_critical: bool = False,
+        exclusive: bool = False,
+    ) -> dict:
         handle = self.lookup(domain_name)
         self.enumerate()
         resolved = self.resolve(selectors)
@@ -428,7 +438,7 @@ class Passthrough:
         result["diff"] = self.diff(self.touched or [domain])
         return result
 
-    def attach_scopes(self, domain, persistent):
+    def attach_scopes(self, domain: Domain, persistent: bool) -> list[str]:
         if LIVE in domain.configs:
             return [LIVE, PERSISTENT] if persistent and PERSISTENT in domain.configs else [LIVE]
         if not persistent:
@@ -438,7 +448,7 @@ class Passthrough:
             )
         return [PERSISTENT]
 
-    def detach(self, domain_name, selectors, auto_start=False):
+    def detach(self, domain_name: str | None, selectors: list[dict], auto_start: bool = False) -> dict:
         handle = self.lookup(domain_name) if domain_name else None
         self.enumerate()
         present = []
@@ -473,7 +483,7 @@ class Passthrough:
         result["diff"] = self.diff(shown)
         return result
 
-    def intended_absent(self, domains, selector):
+    def intended_absent(self, domains: list[Domain], selector: dict) -> list[tuple[Domain, dict]]:
         """For a selector that matches no present device: the domains whose intent names it, and the device it named."""
         found = []
         for domain in domains:
@@ -489,15 +499,15 @@ class Passthrough:
         return found
 
 
-def _maybe_lock(check_mode):
+def _maybe_lock(check_mode: bool) -> Any:
     return contextlib.nullcontext() if check_mode else host_lock()
 
 
-def _describe_holders(holders):
+def _describe_holders(holders: list[tuple[Domain, list[str]]]) -> str:
     return ", ".join("domain %s (%s)" % (domain.name, ", ".join(scopes)) for domain, scopes in holders)
 
 
-def _carry_out(step, undo=False):
+def _carry_out(step: Step, undo: bool = False) -> None:
     libvirt = _libvirt.libvirt
     flags = libvirt.VIR_DOMAIN_AFFECT_LIVE if step.scope == LIVE else libvirt.VIR_DOMAIN_AFFECT_CONFIG
     handle = step.domain.handle
@@ -516,7 +526,7 @@ def _carry_out(step, undo=False):
         handle.detachDeviceFlags(xml, flags)
 
 
-def _render(domain, configs):
+def _render(domain: Domain, configs: dict) -> str:
     lines = []
     for scope in (PERSISTENT, LIVE):
         config = configs.get(scope)

@@ -29,7 +29,7 @@ description:
   - Changes are made live first, then in the persistent configuration, then in the intent; when libvirt
     or QEMU refuses a step, the steps already made are undone and libvirt's message is reported.
 author:
-  - kvmhost.usb contributors
+  - kvmhost.usb contributors (!UNKNOWN)
 extends_documentation_fragment:
   - kvmhost.usb.common.libvirt
   - kvmhost.usb.common.pyudev
