@@ -99,8 +99,9 @@ class TestHost:
         self.stop()
 
     # Lifecycle.
-    def start(self, timeout: float = 240.0) -> TestHost:
-        """Build the image if needed, boot the test host and wait until SSH and udev are ready."""
+    def start(self, timeout: float = 480.0) -> TestHost:
+        """Build the image if needed, boot the test host and wait until SSH answers and every
+        declared device is enumerated. A failed start stops the QEMU it started."""
         built = image.build_image()
         self.stop()
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -122,14 +123,18 @@ class TestHost:
             except subprocess.CalledProcessError as error:
                 if "hostfwd" not in error.stderr or attempt == 2:
                     raise TestHostError("QEMU did not start: %s" % error.stderr.strip()) from None
-        self._write_state()
-        self._write_known_hosts(built)
-        self._write_inventory()
-        log("test host %r booting (QEMU pid %s, SSH on 127.0.0.1:%s)" % (self.name, self.pid(), self.ssh_port))
-        self._wait_for_ssh(started + timeout)
-        log("SSH answers after %.0f s; waiting for the USB devices" % (time.monotonic() - started))
-        plugged = len([device for device in self.topology.devices if device.plugged])
-        self.wait_usb(lambda devices: len([d for d in devices if not d["port"].startswith("usb")]) >= plugged, timeout=60)
+        try:
+            self._write_state()
+            self._write_known_hosts(built)
+            self._write_inventory()
+            log("test host %r booting (QEMU pid %s, SSH on 127.0.0.1:%s)" % (self.name, self.pid(), self.ssh_port))
+            self._wait_for_ssh(started + timeout)
+            log("SSH answers after %.0f s; waiting for the USB devices" % (time.monotonic() - started))
+            plugged = len([device for device in self.topology.devices if device.plugged])
+            self.wait_usb(lambda devices: len([d for d in devices if not d["port"].startswith("usb")]) >= plugged, timeout=120)
+        except BaseException:
+            self.stop()
+            raise
         log("test host %r up after %.0f s" % (self.name, time.monotonic() - started))
         return self
 
@@ -180,7 +185,8 @@ class TestHost:
         return self.pid() is not None
 
     def _qemu_command(self, built: image.Image) -> list[str]:
-        key = base64.b64encode(open(self.ssh_key + ".pub", "rb").read().strip()).decode()
+        with open(self.ssh_key + ".pub", "rb") as handle:
+            key = base64.b64encode(handle.read().strip()).decode()
         command = [
             "qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-cpu", "max",
             "-smp", str(self.cpus), "-m", str(self.memory_mib),
@@ -208,7 +214,9 @@ class TestHost:
         while True:
             if not self.is_running():
                 raise TestHostError("the test host's QEMU exited while booting; see %s" % self.serial_log)
-            result = subprocess.run(self.ssh_command(["true"], connect_timeout=30), capture_output=True, text=True, check=False)
+            remaining = max(1, int(deadline - time.monotonic()))
+            command = self.ssh_command(["true"], connect_timeout=min(30, remaining))
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode == 0:
                 return
             if time.monotonic() > deadline:
