@@ -162,8 +162,8 @@ def usb_drift(facts, declared=None):
             if not config:
                 continue
             for entry in config.get("intent") or []:
-                if entry not in intent:
-                    intent.append(entry)
+                if entry["id"] not in [known["id"] for known in intent]:
+                    intent.append({"id": entry["id"], "selector": entry.get("selector") or {}})
             for hostdev in config.get("hostdevs") or []:
                 if hostdev.get("stale"):
                     vendor_device_id = "%s:%s" % (hostdev.get("vendor_id") or "????", hostdev.get("product_id") or "????")
@@ -172,10 +172,14 @@ def usb_drift(facts, declared=None):
                         stale.append(hostdev["address"])
         intents[name] = intent
         for entry in intent:
-            if entry["id"] in entries:
-                entries[entry["id"]]["intended_for"].append(name)
-            else:
+            device = entries.get(entry["id"])
+            if device is None:
                 report["missing"].append({"domain": name, "device": entry["id"], "source": "intent"})
+                continue
+            device["intended_for"].append(name)
+            holders = sorted(set(device["held_by"]["live"] + device["held_by"]["persistent"]))
+            if name not in holders:
+                report["unattached"].append({"domain": name, "device": entry["id"], "held_by": holders})
         holds = sorted(device_id for device_id, entry in entries.items() if any(name in entry["held_by"][scope] for scope in SCOPES))
         settings = declared.get(name)
         domains.append(
@@ -220,8 +224,9 @@ def usb_drift(facts, declared=None):
             if name not in entry["declared_for"]:
                 entry["declared_for"].append(name)
             holders = sorted(set(entry["held_by"]["live"] + entry["held_by"]["persistent"]))
-            if name in host_domains and name not in holders:
-                report["unattached"].append({"domain": name, "device": entry["id"], "held_by": holders})
+            unattached = {"domain": name, "device": entry["id"], "held_by": holders}
+            if name in host_domains and name not in holders and unattached not in report["unattached"]:
+                report["unattached"].append(unattached)
         if settings["exclusive"] and name in host_domains:
             for domain in domains:
                 if domain["name"] == name:

@@ -99,7 +99,9 @@ class Fleet:
             ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
         )
         process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
-        process.recap = dict((match.group("host"), dict((key, int(value)) for key, value in match.groupdict().items() if key != "host")) for match in RECAP.finditer(process.stdout))
+        process.recap = {}
+        for match in RECAP.finditer(process.stdout):
+            process.recap[match.group("host")] = dict((key, int(value)) for key, value in match.groupdict().items() if key != "host")
         return process
 
 

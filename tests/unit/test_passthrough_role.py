@@ -28,7 +28,10 @@ from tests.unit.passthrough_support import (
 )
 
 RECAP = re.compile(r"^kvm1\s+: ok=\d+\s+changed=(?P<changed>\d+)\s+unreachable=\d+\s+failed=(?P<failed>\d+)", re.M)
-CHROMIUM = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM = [
+    "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
 
 
 def playbook(tmp_path, name, declared, *options, devices=TWINS):
@@ -36,7 +39,12 @@ def playbook(tmp_path, name, declared, *options, devices=TWINS):
     tree.write_text(usbtree.render(devices))
     inventory = tmp_path / "inventory.yml"
     # No reattach agent here: this machine has no systemd (the agent is tested on the test host).
-    hostvars = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, "usb_passthrough": declared, "usb_passthrough_agent": False}
+    hostvars = {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": sys.executable,
+        "usb_passthrough": declared,
+        "usb_passthrough_agent": False,
+    }
     inventory.write_text(yaml.safe_dump({"all": {"hosts": {"kvm1": hostvars}}}))
     command = ["umockdev-run", "-d", str(tree), "--", os.path.join(os.path.dirname(sys.executable), "ansible-playbook")]
     command += ["-i", str(inventory), os.path.join(REPO, "playbooks", name + ".yml")] + list(options)

@@ -102,7 +102,10 @@ def test_declared_but_never_converged_device_is_missing_from_the_inventory():
 
 def test_device_held_by_another_domain_is_unattached_and_a_conflict():
     result = usb_drift(
-        facts([device(STICK, "2-1", 2, 2, "KING0001", persistent=["vm2"])], [domain("vm1"), domain("vm2", hostdevs=[hostdev("46f4", "0001", devices=[STICK])])]),
+        facts(
+            [device(STICK, "2-1", 2, 2, "KING0001", persistent=["vm2"])],
+            [domain("vm1"), domain("vm2", hostdevs=[hostdev("46f4", "0001", devices=[STICK])])],
+        ),
         {"vm1": {"devices": ["2-1"]}},
     )
     assert result["unattached"] == [{"domain": "vm1", "device": STICK, "held_by": ["vm2"]}]
@@ -123,7 +126,11 @@ def test_ambiguous_and_malformed_selectors_and_unknown_domains_are_reported():
     twins = [device(TWIN_A, "1-3", 1, 4, "TWIN-A"), device(TWIN_B, "1-4", 1, 5, "TWIN-B")]
     result = usb_drift(facts(twins, []), {"ghost": {"devices": ["0627:0001", {"colour": "blue"}]}})
     assert result["unknown_domains"] == ["ghost"]
-    assert result["invalid"][0] == {"domain": "ghost", "selector": "vendor_id=0627, product_id=0001", "error": "ambiguous: %s, %s match" % (TWIN_A, TWIN_B)}
+    assert result["invalid"][0] == {
+        "domain": "ghost",
+        "selector": "vendor_id=0627, product_id=0001",
+        "error": "ambiguous: %s, %s match" % (TWIN_A, TWIN_B),
+    }
     assert result["invalid"][1]["error"].startswith("Unknown selector field(s) colour")
     assert result["domains"] == [{"name": "ghost", "state": None, "declared": True, "exclusive": False, "holds": [], "stale": []}]
 
@@ -144,3 +151,14 @@ def test_declared_state_must_be_a_mapping():
         usb_drift(facts([], []), ["vm1"])
     with pytest.raises(AnsibleFilterError, match="settings of domain vm1 must be a mapping"):
         usb_drift(facts([], []), {"vm1": ["46f4:0001"]})
+
+
+def test_intent_of_a_present_device_no_hostdev_holds_is_unattached_once():
+    # After a replug the intent names TWIN-A, which is back at a new address, and nothing holds it.
+    stale = domain("vm1", state="running", hostdevs=[hostdev("0627", "0001", 1, 4, stale=True)], intent=[TWIN_A])
+    stale["live"] = dict(stale["live"], intent=[dict(stale["live"]["intent"][0], status="stale")])
+    result = usb_drift(facts([device(TWIN_A, "1-3", 1, 9, "TWIN-A")], [stale]), {"vm1": {"devices": [TWIN_A]}})
+    assert result["unattached"] == [{"domain": "vm1", "device": TWIN_A, "held_by": []}]
+    assert result["devices"][0]["intended_for"] == ["vm1"]
+    assert result["summary"]["drift"] == ["vm1: declares %s, held by nobody" % TWIN_A]
+    assert result["summary"]["stale"][0] == "vm1 (live): hostdev 0627:0001 at 001:004, where no such device is"
