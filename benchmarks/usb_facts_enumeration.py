@@ -257,7 +257,7 @@ def inner(args):
         coverage = lsusb_coverage(parsed, devices, floor_by_name, process.stderr)
         if len(parsed) != args.devices:
             problems.append("lsusb -v listed %d devices, %d described" % (len(parsed), args.devices))
-        parse_seconds, _ = timed(lambda: parse_lsusb(process.stdout))
+        parse_seconds = timed(lambda: parse_lsusb(process.stdout))[0]
 
     ours_s = figures["ours"][0]
     floor_s = figures["floor"][0]
@@ -376,7 +376,7 @@ def outer(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--devices", type=int, default=200, help="USB devices in the described host (default 200)")
     parser.add_argument("--rounds", type=int, default=15, help="measured rounds, after 2 warm-up rounds (default 15)")
     parser.add_argument("--json", help="also write the figures to this JSON file")

@@ -396,7 +396,9 @@ def select_device(devices, selector):
     if not matches:
         hubs = [device for device in devices if device not in candidates and selector_matches(selector, device)]
         if hubs:
-            raise SelectorError("Device selector (%s) matches a hub, which is never passed through: %s" % (describe_selector(selector), describe_device(hubs[0])))
+            raise SelectorError(
+                "Device selector (%s) matches a hub, which is never passed through: %s" % (describe_selector(selector), describe_device(hubs[0]))
+            )
         vendor_product = _vendor_product_of(selector)
         related = [device for device in candidates if vendor_product and device["vendor_device_id"] == vendor_product]
         present = "; ".join(describe_device(device) for device in related) if related else "none"

@@ -44,7 +44,7 @@ def sysfs_path(port):
     path = "%s/usb%d" % (PCI_PATH, bus)
     if port.startswith("usb"):
         return path
-    head, _, rest = port.partition("-")
+    head, rest = port.split("-", 1)
     steps = rest.split(".")
     for depth in range(1, len(steps) + 1):
         path += "/%s-%s" % (head, ".".join(steps[:depth]))
