@@ -88,9 +88,10 @@ class Domains:
             domain = self.conn.lookupByName(name)
         except libvirt.libvirtError:
             return
+        persistent = domain.isPersistent()  # a transient domain is gone once destroyed
         if domain.isActive():
             domain.destroy()
-        if domain.isPersistent():
+        if persistent:
             domain.undefine()
 
     def close(self):
