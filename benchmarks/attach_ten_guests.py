@@ -186,7 +186,7 @@ def run_playbook(playbook, variables, tree):
         "-e", "ansible_python_interpreter=%s" % sys.executable,
     ]
     started = time.perf_counter()
-    process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800, check=False)
     elapsed = time.perf_counter() - started
     recap = RECAP.search(process.stdout)
     if process.returncode != 0 or not recap:
@@ -242,13 +242,18 @@ def main():
 
     median = dict((name, statistics.median(values)) for name, values in times.items())
     print()
-    print("%d guests x 2 devices, %d rounds, medians (local libvirtd, persistent config of stopped guests, USB from umockdev):" % (options.guests, options.rounds))
+    print(
+        "%d guests x 2 devices, %d rounds, medians (local libvirtd, persistent config of stopped guests, USB from umockdev):"
+        % (options.guests, options.rounds)
+    )
     for name in ("ours", "loop", "ours no-op", "loop no-op", "floor"):
         print("  %-11s %6.2f s" % (name, median[name]))
     first_ratio = median["loop"] / median["ours"]
     noop_ratio = median["loop no-op"] / median["ours no-op"]
     print("  first run: loop / ours = %.2fx" % first_ratio)
-    print("  no-op re-run: loop / ours = %.2fx (aim: at least %.0fx: %s)" % (noop_ratio, AIM_NOOP, "met" if noop_ratio >= AIM_NOOP else "not met"))
+    print(
+        "  no-op re-run: loop / ours = %.2fx (aim: at least %.0fx: %s)" % (noop_ratio, AIM_NOOP, "met" if noop_ratio >= AIM_NOOP else "not met")
+    )
     print("  ours no-op / floor = %.2fx (what usb_attach adds to Ansible's own cost of %d module runs)" % (median["ours no-op"] / median["floor"], options.guests))
     print(
         "  best no-op ratio any module run once per guest could reach here: loop no-op / floor = %.2fx"

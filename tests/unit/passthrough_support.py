@@ -30,7 +30,7 @@ DOMAIN_XML = """<domain type='qemu'>
 
 KINGSTON_ID = "0951:1666:E0D55EA5741AF160B9740A81"
 # Two identical tablets (same vendor:product), told apart by serial and by port.
-TWINS = REFERENCE + [hid("1-2", 3, serial="43")]
+TWINS = tuple(REFERENCE) + (hid("1-2", 3, serial="43"),)
 
 
 def quiet(ctx, error):
@@ -151,11 +151,11 @@ def source_xml(vendor=None, product=None, bus=None, device=None):
     return "<hostdev mode='subsystem' type='usb' managed='no'><source>%s</source></hostdev>" % parts
 
 
-def attach(args, devices=REFERENCE, **options):
+def attach(args, devices=tuple(REFERENCE), **options):
     return run_module("usb_attach", args, devices, **options)
 
 
-def detach(args, devices=REFERENCE, **options):
+def detach(args, devices=tuple(REFERENCE), **options):
     return run_module("usb_detach", args, devices, **options)
 
 

@@ -22,7 +22,6 @@ from tests.unit.passthrough_support import (
     TWINS,
     Domains,
     attach,
-    domains,  # noqa: F401 (fixture)
     hostdev,
     hostdevs,
 )

@@ -18,7 +18,6 @@ from tests.unit.passthrough_support import (
     TWINS,
     Domains,
     attach,
-    domains,  # noqa: F401 (fixture)
     failed,
     hostdev,
     hostdevs,
@@ -357,7 +356,11 @@ def test_two_selectors_for_one_device(domains):
 
 def test_unknown_domain(domains):
     domains.define("known")
-    failed(attach({"domain": "kvmhost-usb-test-nowhere", "devices": ["0951:1666"]}), "Unknown domain 'kvmhost-usb-test-nowhere' at qemu:///system", "kvmhost-usb-test-known")
+    failed(
+        attach({"domain": "kvmhost-usb-test-nowhere", "devices": ["0951:1666"]}),
+        "Unknown domain 'kvmhost-usb-test-nowhere' at qemu:///system",
+        "kvmhost-usb-test-known",
+    )
 
 
 def test_libvirt_unreachable(domains):

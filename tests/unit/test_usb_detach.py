@@ -10,7 +10,6 @@ from tests.unit.passthrough_support import (
     TWINS,
     attach,
     detach,
-    domains,  # noqa: F401 (fixture)
     failed,
     hostdev,
     hostdevs,
@@ -22,7 +21,7 @@ from tests.unit.passthrough_support import (
 from tests.unit.trees import KINGSTON, REFERENCE
 
 
-def attached(domains, suffix, selectors, tree=REFERENCE):
+def attached(domains, suffix, selectors, tree=tuple(REFERENCE)):
     name = domains.define(suffix)
     result = attach({"domain": name, "devices": selectors}, tree)
     assert result["rc"] == 0 and result["changed"], result
@@ -172,7 +171,11 @@ def test_malformed_selector(domains, selector, fragment):
 def test_unknown_device(domains):
     attached(domains, "unknown-device", ["0951:1666"])
     before = domains.snapshot()
-    failed(detach({"devices": [{"vendor_id": "0951", "product_id": "1666", "serial": "NOPE"}]}), "No USB device matches", "Present with 0951:1666: %s" % KINGSTON_ID)
+    failed(
+        detach({"devices": [{"vendor_id": "0951", "product_id": "1666", "serial": "NOPE"}]}),
+        "No USB device matches",
+        "Present with 0951:1666: %s" % KINGSTON_ID,
+    )
     assert domains.snapshot() == before
 
 
