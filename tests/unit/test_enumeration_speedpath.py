@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,8 +24,6 @@ from tests.lib import bigtree, usbtree
 from tests.unit.trees import REFERENCE, hub
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-pytestmark = pytest.mark.skipif(shutil.which("umockdev-run") is None, reason="umockdev-run is not installed")
 
 
 def udev_walk(context=None):
