@@ -46,6 +46,15 @@ def hostdev_sources(xml: str) -> list[str]:
     return [re.sub(r">\s+<", "><", source) for source in sources]
 
 
+def bound_to(device: dict) -> tuple[int, int]:
+    """The host bus and device number the guest's QEMU holds a passed-through device by."""
+    host = device["host"]
+    if host.get("hostdevice"):
+        bus, devnum = host["hostdevice"].rsplit("/", 2)[1:]
+        return int(bus), int(devnum)
+    return int(host["hostbus"]), int(host["hostaddr"])
+
+
 def kernel_address(host: TestHost, serial: str) -> tuple[int, int]:
     device = host.kernel_device(serial=serial)
     assert device, serial
@@ -61,7 +70,7 @@ def guests(testhost: TestHost) -> Iterator[list[str]]:
         testhost.remove_guest(name)
 
 
-def guest(host: TestHost, created: list[str], name: str, start: bool = True) -> str:
+def new_guest(host: TestHost, created: list[str], name: str, start: bool = True) -> str:
     host.remove_guest(name)
     host.create_guest(name, start=start)
     created.append(name)
@@ -69,7 +78,7 @@ def guest(host: TestHost, created: list[str], name: str, start: bool = True) -> 
 
 
 def test_hot_attach_to_a_running_guest_is_seen_in_info_usb(testhost: TestHost, guests: list[str]) -> None:
-    name = guest(testhost, guests, "attach-hot")
+    name = new_guest(testhost, guests, "attach-hot")
     assert products(testhost, name) == []
     checked = attach(testhost, {"domain": name, "devices": ["46f4:0001"]}, check=True)
     assert checked["changed"] is True and not checked["failed"], checked
@@ -99,7 +108,7 @@ def test_hot_attach_to_a_running_guest_is_seen_in_info_usb(testhost: TestHost, g
 
 
 def test_cold_attach_with_auto_start(testhost: TestHost, guests: list[str]) -> None:
-    name = guest(testhost, guests, "attach-cold", start=False)
+    name = new_guest(testhost, guests, "attach-cold", start=False)
     result = attach(testhost, {"domain": name, "devices": [{"vendor_id": "0627", "product_id": "0001", "serial": "TWIN-A"}], "auto_start": True})
     assert result["changed"] is True and not result["failed"], result
     assert result["domain"]["state"] == "running"
@@ -113,7 +122,7 @@ def test_cold_attach_with_auto_start(testhost: TestHost, guests: list[str]) -> N
 
 
 def test_identical_devices_chosen_by_serial_and_by_port(testhost: TestHost, guests: list[str]) -> None:
-    name = guest(testhost, guests, "attach-twins")
+    name = new_guest(testhost, guests, "attach-twins")
     result = attach(
         testhost,
         {"domain": name, "devices": [{"vendor_id": "0627", "product_id": "0001", "serial": "TWIN-A"}, {"vendor_id": "0627", "product_id": "0001", "port": "1-4"}]},
@@ -126,7 +135,7 @@ def test_identical_devices_chosen_by_serial_and_by_port(testhost: TestHost, gues
 
 
 def test_ambiguous_selector_fails_and_changes_nothing(testhost: TestHost, guests: list[str]) -> None:
-    name = guest(testhost, guests, "attach-ambiguous")
+    name = new_guest(testhost, guests, "attach-ambiguous")
     before = domain_xml(testhost, name, inactive=True)
     result = attach(testhost, {"domain": name, "devices": ["0627:0001"]})
     assert result["failed"], result
@@ -138,8 +147,8 @@ def test_ambiguous_selector_fails_and_changes_nothing(testhost: TestHost, guests
 
 
 def test_one_device_one_vm_and_steal(testhost: TestHost, guests: list[str]) -> None:
-    owner = guest(testhost, guests, "attach-owner")
-    thief = guest(testhost, guests, "attach-thief")
+    owner = new_guest(testhost, guests, "attach-owner")
+    thief = new_guest(testhost, guests, "attach-thief")
     assert not attach(testhost, {"domain": owner, "devices": [STICK]})["failed"]
     refused = attach(testhost, {"domain": thief, "devices": [STICK]})
     assert refused["failed"], refused
@@ -157,7 +166,7 @@ def test_one_device_one_vm_and_steal(testhost: TestHost, guests: list[str]) -> N
 
 
 def test_detach_from_whoever_holds_it(testhost: TestHost, guests: list[str]) -> None:
-    name = guest(testhost, guests, "attach-holder")
+    name = new_guest(testhost, guests, "attach-holder")
     assert not attach(testhost, {"domain": name, "devices": [{"serial": "TWIN-B"}]})["failed"]
     assert products(testhost, name) == ["QEMU USB Mouse"]
     result = detach(testhost, {"devices": ["1-4"]})
@@ -172,8 +181,8 @@ def test_detach_from_whoever_holds_it(testhost: TestHost, guests: list[str]) -> 
 
 
 def test_two_concurrent_attaches_of_one_device(testhost: TestHost, guests: list[str]) -> None:
-    left = guest(testhost, guests, "attach-left")
-    right = guest(testhost, guests, "attach-right")
+    left = new_guest(testhost, guests, "attach-left")
+    right = new_guest(testhost, guests, "attach-right")
     results: dict[str, dict] = {}
 
     def run(name: str) -> None:
@@ -194,7 +203,7 @@ def test_two_concurrent_attaches_of_one_device(testhost: TestHost, guests: list[
 
 
 def test_replug_then_a_run_rebinds_the_new_address(testhost: TestHost, guests: list[str]) -> None:
-    name = guest(testhost, guests, "attach-replug")
+    name = new_guest(testhost, guests, "attach-replug")
     assert not attach(testhost, {"domain": name, "devices": [TWIN_B]})["failed"]
     assert products(testhost, name) == ["QEMU USB Mouse"]
     old = kernel_address(testhost, "TWIN-B")
@@ -206,10 +215,12 @@ def test_replug_then_a_run_rebinds_the_new_address(testhost: TestHost, guests: l
     # libvirt does not follow the device: the live XML keeps the old address.
     stale = "<source><vendor id='0x0627'/><product id='0x0001'/><address bus='%d' device='%d'/></source>" % old
     assert hostdev_sources(domain_xml(testhost, name)) == [stale]
+    assert [bound_to(device) for device in testhost.guest_usb(name)] == [old]
 
     result = attach(testhost, {"domain": name, "devices": [TWIN_B]})
     assert result["changed"] is True and not result["failed"], result
     assert products(testhost, name) == ["QEMU USB Mouse"]
+    assert [bound_to(device) for device in testhost.guest_usb(name)] == [new]
     live = "<source><vendor id='0x0627'/><product id='0x0001'/><address bus='%d' device='%d'/></source>" % new
     assert hostdev_sources(domain_xml(testhost, name)) == [live]
     persistent = "<source startupPolicy='optional'><vendor id='0x0627'/><product id='0x0001'/><address bus='%d' device='%d'/></source>" % new
