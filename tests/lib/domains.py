@@ -15,6 +15,7 @@ DOMAIN_XML = """<domain type='qemu'>
   <os><type arch='x86_64' machine='q35'>hvm</type></os>
   <devices>
     <controller type='usb' index='0' model='qemu-xhci'/>
+    <memballoon model='none'/>
     {devices}
   </devices>
 </domain>"""
@@ -34,9 +35,11 @@ def undefine(conn, name):
         domain = conn.lookupByName(name)
     except libvirt.libvirtError:
         return
+    persistent = domain.isPersistent()  # a transient domain is gone once destroyed
     if domain.isActive():
         domain.destroy()
-    domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM if hasattr(libvirt, "VIR_DOMAIN_UNDEFINE_NVRAM") else 0)
+    if persistent:
+        domain.undefine()
 
 
 @contextlib.contextmanager

@@ -9,24 +9,12 @@ import re
 import libvirt
 import pytest
 
+from tests.lib.domains import DOMAIN_XML, URI, undefine
 from tests.lib.modrun import collection_root, run_module
 from tests.unit.trees import KINGSTON, REFERENCE, hid
 
-URI = "qemu:///system"
 PREFIX = "kvmhost-usb-test-"
 NAMESPACE = "http://kvmhost.usb/ns/passthrough/1"
-
-DOMAIN_XML = """<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  <devices>
-    <controller type='usb' index='0' model='qemu-xhci'/>
-    <memballoon model='none'/>
-    {devices}
-  </devices>
-</domain>"""
 
 KINGSTON_ID = "0951:1666:E0D55EA5741AF160B9740A81"
 # Two identical tablets (same vendor:product), told apart by serial and by port.
@@ -38,17 +26,6 @@ def quiet(ctx, error):
 
 
 libvirt.registerErrorHandler(quiet, None)
-
-
-def undefine(conn, name):
-    try:
-        domain = conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return
-    if domain.isActive():
-        domain.destroy()
-    if domain.isPersistent():
-        domain.undefine()
 
 
 class Domains:
