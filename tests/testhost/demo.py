@@ -7,13 +7,15 @@ add it to STEPS.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, Callable
 
 from . import image
-from .ansible import run_module
+from .ansible import run_module, run_playbook
 from .host import TestHost, TestHostError
+from .paths import BUILD_DIR, REPO
 
 COLUMNS = ("ID", "Dev_type", "Model", "Addr", "Vendor_device_id", "Host", "Guest")
 
@@ -37,6 +39,12 @@ def boot_test_host(demo: Demo) -> None:
     print("  test host up: ssh on 127.0.0.1:%s, Ansible inventory %s" % (demo.host.ssh_port, demo.host.inventory))
 
 
+def enable_host(demo: Demo) -> None:
+    """Enable USB passthrough on it with playbooks/enable_host.yml: packages, disable_usb in host.conf (no host agent to restart here)."""
+    playbook(demo, "enable_host.yml", {"usb_host_restart_strategy": "none"})
+    print("  " + demo.host.ssh("grep", "-n", "disable_usb", "/etc/yunion/host.conf").stdout.strip())
+
+
 def list_usb_devices(demo: Demo) -> None:
     """List its USB devices with kvmhost.usb.usb_facts, like `climc isolated-device-list --details`."""
     result = run_module(demo.host, "kvmhost.usb.usb_facts")
@@ -46,7 +54,22 @@ def list_usb_devices(demo: Demo) -> None:
     print(render_table([device_row(device, "testhost") for device in demo.devices]))
 
 
-STEPS: list[Callable[[Demo], None]] = [build_image, boot_test_host, list_usb_devices]
+def write_report(demo: Demo) -> None:
+    """Write the fleet's USB report with playbooks/report.yml: one self-contained HTML page."""
+    path = os.path.join(BUILD_DIR, "usb-report.html")
+    playbook(demo, "report.yml", {"usb_report_path": path})
+    print("  USB report: %s (file://%s)" % (path, path))
+
+
+def playbook(demo: Demo, name: str, extra_vars: dict[str, Any]) -> None:
+    process = run_playbook(demo.host, os.path.join(REPO, "playbooks", name), extra_vars)
+    recap = process.stdout[process.stdout.rfind("PLAY RECAP"):].strip()
+    if process.returncode != 0:
+        raise TestHostError("playbooks/%s failed:\n%s" % (name, process.stdout[-3000:]))
+    print("  " + recap.splitlines()[-1].strip())
+
+
+STEPS: list[Callable[[Demo], None]] = [build_image, boot_test_host, enable_host, list_usb_devices, write_report]
 
 
 def device_row(device: dict[str, Any], host: str) -> list[str]:
