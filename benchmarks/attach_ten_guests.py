@@ -254,7 +254,10 @@ def main():
     print(
         "  no-op re-run: loop / ours = %.2fx (aim: at least %.0fx: %s)" % (noop_ratio, AIM_NOOP, "met" if noop_ratio >= AIM_NOOP else "not met")
     )
-    print("  ours no-op / floor = %.2fx (what usb_attach adds to Ansible's own cost of %d module runs)" % (median["ours no-op"] / median["floor"], options.guests))
+    print(
+        "  ours no-op / floor = %.2fx (what usb_attach adds to Ansible's own cost of %d module runs)"
+        % (median["ours no-op"] / median["floor"], options.guests)
+    )
     print(
         "  best no-op ratio any module run once per guest could reach here: loop no-op / floor = %.2fx"
         % (median["loop no-op"] / median["floor"])

@@ -125,7 +125,13 @@ def test_identical_devices_chosen_by_serial_and_by_port(testhost: TestHost, gues
     name = new_guest(testhost, guests, "attach-twins")
     result = attach(
         testhost,
-        {"domain": name, "devices": [{"vendor_id": "0627", "product_id": "0001", "serial": "TWIN-A"}, {"vendor_id": "0627", "product_id": "0001", "port": "1-4"}]},
+        {
+            "domain": name,
+            "devices": [
+                {"vendor_id": "0627", "product_id": "0001", "serial": "TWIN-A"},
+                {"vendor_id": "0627", "product_id": "0001", "port": "1-4"},
+            ],
+        },
     )
     assert not result["failed"], result
     assert [device["id"] for device in result["devices"]] == [TWIN_A, TWIN_B]
