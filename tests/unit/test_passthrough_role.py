@@ -122,7 +122,8 @@ def test_probe_and_report_show_the_drift_and_change_nothing(tmp_path, domains, d
     assert (probe.returncode, probe.changed) == (0, 0), probe.stdout
     summary = shown(probe, "Show the probe")
     assert summary["missing"] == ["kvmhost-usb-test-ghost: vendor_id=abcd, product_id=0001 (declared in the inventory), not plugged in"]
-    assert sorted(summary["drift"]) == sorted(
+    # The local libvirtd may hold other tests' domains: look at ours.
+    assert sorted(line for line in summary["drift"] if line.split(" ")[0].rstrip(":") in declared) == sorted(
         [
             "%s: declares %s, held by nobody" % (first, KINGSTON_ID),
             "%s: declares 0627:0001:42, held by nobody" % second,
@@ -149,7 +150,8 @@ def test_probe_and_report_show_the_drift_and_change_nothing(tmp_path, domains, d
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
     assert "USB passthrough across the fleet" in text
     assert "kvm1 drift" in text
-    assert "0627:0001:43 Adomax Technology Co., Ltd QEMU USB Tablet 001:003 → %s" % first in text
+    assert re.search(r"0627:0001:43 Adomax Technology Co., Ltd QEMU USB Tablet 001:003 (→ \S+ )*→ %s" % first, text)
     assert "undeclared %s is exclusive and holds 0627:0001:43" % first in text
     assert "unknown domain kvmhost-usb-test-ghost is declared" in text
-    assert "%s 002:002 2-1 Kingston Technology DataTraveler 100 G3/G4/SE9 G2/50 — %s not attached" % (KINGSTON_ID, first) in text
+    assert "%s 002:002 2-1 Kingston Technology DataTraveler 100 G3/G4/SE9 G2/50 — %s" % (KINGSTON_ID, first) in text
+    assert "not attached %s is declared for %s but held by" % (KINGSTON_ID, first) in text
