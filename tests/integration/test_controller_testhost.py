@@ -11,10 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from tests.testhost import TestHost
 from tests.testhost.ansible import RESULT_LINE, environment, run_module, tool
@@ -58,39 +55,27 @@ def usb_speed(host: TestHost, name: str, product: str) -> float | None:
     return None
 
 
-@pytest.fixture
-def ctl_guest(testhost: TestHost, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A running diskless guest (q35, qemu-xhci) in the test host, removed at the end."""
-    name = "ctl-" + request.node.name.replace("_", "-")[5:40]
-    testhost.remove_guest(name)
-    testhost.create_guest(name)
-    try:
-        yield name
-    finally:
-        testhost.remove_guest(name)
-
-
-def test_restart_puts_a_running_guest_on_ehci_and_its_stick_still_works(testhost: TestHost, ctl_guest: str) -> None:
-    attached = run_module(testhost, "kvmhost.usb.usb_attach", {"domain": ctl_guest, "devices": [STICK]})
+def test_restart_puts_a_running_guest_on_ehci_and_its_stick_still_works(testhost: TestHost, guest: str) -> None:
+    attached = run_module(testhost, "kvmhost.usb.usb_attach", {"domain": guest, "devices": [STICK]})
     assert attached["changed"] is True and not attached["failed"], attached
-    assert usb_speed(testhost, ctl_guest, "QEMU USB HARDDRIVE") == 5000
+    assert usb_speed(testhost, guest, "QEMU USB HARDDRIVE") == 5000
 
-    predicted, _warnings = controller(testhost, {"domain": ctl_guest, "model": "usb-ehci", "restart": True, "shutdown_timeout": 2}, check=True)
+    predicted, _warnings = controller(testhost, {"domain": guest, "model": "usb-ehci", "restart": True, "shutdown_timeout": 2}, check=True)
     assert (predicted["changed"], predicted["restarted"], predicted["restart_required"]) == (True, True, False)
-    assert qemu_devices(testhost, ctl_guest, "/machine/peripheral")["usb"] == "qemu-xhci"
+    assert qemu_devices(testhost, guest, "/machine/peripheral")["usb"] == "qemu-xhci"
 
     # The diskless guest has no OS to answer the ACPI shutdown: it is forced off after 2 s.
-    result, warnings = controller(testhost, {"domain": ctl_guest, "model": "usb-ehci", "restart": True, "shutdown_timeout": 2})
+    result, warnings = controller(testhost, {"domain": guest, "model": "usb-ehci", "restart": True, "shutdown_timeout": 2})
     assert result["changed"] is True
     assert result["controller"] == {"index": 0, "before": {"model": "qemu-xhci", "ports": None}, "after": {"model": "ehci", "ports": None}}
     assert (result["restarted"], result["restart_required"]) == (True, False)
     assert "USB device %s (" % STICK in warnings
     assert "is attached to the host at 5000 Mbit/s (SuperSpeed), faster than ehci carries (480 Mbit/s)" in warnings
-    assert "Domain %s did not shut down within 2 s; it was forced off" % ctl_guest in warnings
+    assert "Domain %s did not shut down within 2 s; it was forced off" % guest in warnings
 
     # The guest's QEMU has QEMU's plain EHCI as its USB controller, and the stick on it at high speed.
-    assert qemu_devices(testhost, ctl_guest, "/machine/peripheral")["usb"] == "usb-ehci"
-    assert usb_speed(testhost, ctl_guest, "QEMU USB HARDDRIVE") == 480
+    assert qemu_devices(testhost, guest, "/machine/peripheral")["usb"] == "usb-ehci"
+    assert usb_speed(testhost, guest, "QEMU USB HARDDRIVE") == 480
     # QEMU took the stick from the test host's usb-storage driver: no driver, or usbfs once claimed.
     driver = testhost.ssh("readlink", "/sys/bus/usb/devices/2-1:1.0/driver", check=False).stdout.strip()
     assert driver == "" or driver.endswith("/usbfs"), driver
@@ -98,43 +83,43 @@ def test_restart_puts_a_running_guest_on_ehci_and_its_stick_still_works(testhost
     # The stick works through the EHCI controller: after a reset the guest's firmware reads its first
     # sector (the test host's kernel cannot be the reader: QEMU holds the device all along).
     before = stick_reads(testhost)
-    testhost.ssh("virsh", "-q", "-c", "qemu:///system", "reset", ctl_guest)
+    testhost.ssh("virsh", "-q", "-c", "qemu:///system", "reset", guest)
     deadline = time.monotonic() + 60
     while stick_reads(testhost) == before and time.monotonic() < deadline:
         time.sleep(1)
     assert stick_reads(testhost) > before
 
-    again, warnings = controller(testhost, {"domain": ctl_guest, "model": "usb-ehci", "restart": True, "shutdown_timeout": 2})
+    again, warnings = controller(testhost, {"domain": guest, "model": "usb-ehci", "restart": True, "shutdown_timeout": 2})
     assert (again["changed"], again["restarted"], again["restart_required"]) == (False, False, False)
     assert "forced off" not in warnings
 
 
-def test_running_guest_waits_for_a_cold_start(testhost: TestHost, ctl_guest: str) -> None:
-    result, _warnings = controller(testhost, {"domain": ctl_guest, "model": "ich9-ehci1"})
+def test_running_guest_waits_for_a_cold_start(testhost: TestHost, guest: str) -> None:
+    result, _warnings = controller(testhost, {"domain": guest, "model": "ich9-ehci1"})
     assert (result["changed"], result["restarted"], result["restart_required"]) == (True, False, True)
-    assert qemu_devices(testhost, ctl_guest, "/machine/peripheral")["usb"] == "qemu-xhci"
-    again, _warnings = controller(testhost, {"domain": ctl_guest, "model": "ich9-ehci1"})
+    assert qemu_devices(testhost, guest, "/machine/peripheral")["usb"] == "qemu-xhci"
+    again, _warnings = controller(testhost, {"domain": guest, "model": "ich9-ehci1"})
     assert (again["changed"], again["restart_required"]) == (False, True)
 
 
-def test_full_speed_device_works_on_the_ich9_companions_and_not_on_plain_ehci(testhost: TestHost, ctl_guest: str) -> None:
-    attached = run_module(testhost, "kvmhost.usb.usb_attach", {"domain": ctl_guest, "devices": [SERIAL_ADAPTER]})
+def test_full_speed_device_works_on_the_ich9_companions_and_not_on_plain_ehci(testhost: TestHost, guest: str) -> None:
+    attached = run_module(testhost, "kvmhost.usb.usb_attach", {"domain": guest, "devices": [SERIAL_ADAPTER]})
     assert attached["changed"] is True and not attached["failed"], attached
 
     # Plain EHCI has high-speed ports only: the module says so before anything is changed.
-    predicted, warnings = controller(testhost, {"domain": ctl_guest, "model": "usb-ehci"}, check=True)
+    predicted, warnings = controller(testhost, {"domain": guest, "model": "usb-ehci"}, check=True)
     assert predicted["changed"] is True
     assert "USB device %s (" % SERIAL_ADAPTER in warnings
     assert "is attached to the host at 12 Mbit/s (full speed): QEMU's plain EHCI" in warnings
 
-    result, warnings = controller(testhost, {"domain": ctl_guest, "model": "ich9-ehci1", "restart": True, "shutdown_timeout": 2})
+    result, warnings = controller(testhost, {"domain": guest, "model": "ich9-ehci1", "restart": True, "shutdown_timeout": 2})
     assert (result["changed"], result["restarted"], result["restart_required"]) == (True, True, False)
     assert "Mbit/s" not in warnings
-    assert qemu_devices(testhost, ctl_guest, "/machine/peripheral")["usb"] == "ich9-usb-ehci1"
-    assert sorted(type_ for type_ in qemu_devices(testhost, ctl_guest, "/machine/peripheral-anon").values() if "uhci" in type_) == [
+    assert qemu_devices(testhost, guest, "/machine/peripheral")["usb"] == "ich9-usb-ehci1"
+    assert sorted(type_ for type_ in qemu_devices(testhost, guest, "/machine/peripheral-anon").values() if "uhci" in type_) == [
         "ich9-usb-uhci1",
         "ich9-usb-uhci2",
         "ich9-usb-uhci3",
     ]
     # A UHCI companion carries the full-speed adapter.
-    assert usb_speed(testhost, ctl_guest, "QEMU USB SERIAL") == 12
+    assert usb_speed(testhost, guest, "QEMU USB SERIAL") == 12
