@@ -1,8 +1,7 @@
 """`make demo`: the collection at work on the project's USB test host, no USB hardware needed.
 
-Each step is a function taking the Demo; STEPS lists them in order. To extend the demo
-(enable the host, pass the stick to a guest, show the guest's view), write a step and
-add it to STEPS.
+Each step is a function taking the Demo; STEPS lists them in order. To extend the demo,
+write a step and add it to STEPS.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from .ansible import run_module, run_playbook
 from .host import TestHost, TestHostError
 from .paths import BUILD_DIR, REPO
 
+DEMO_GUEST = "demo-vm"
 COLUMNS = ("ID", "Dev_type", "Model", "Addr", "Vendor_device_id", "Host", "Guest")
 
 
@@ -54,6 +54,29 @@ def list_usb_devices(demo: Demo) -> None:
     print(render_table([device_row(device, "testhost") for device in demo.devices]))
 
 
+def pass_stick_to_guest(demo: Demo) -> None:
+    """Pass the stick to a guest with kvmhost.usb.usb_attach, show what the guest sees, take it back with usb_detach."""
+    stick = {"serial": demo.host.topology.device("stick").serial}
+    demo.host.remove_guest(DEMO_GUEST)
+    demo.host.create_guest(DEMO_GUEST)
+    try:
+        module(demo, "kvmhost.usb.usb_attach", {"domain": DEMO_GUEST, "devices": [stick]})
+        print("  the guest's QEMU (info usb) after usb_attach:")
+        for device in demo.host.guest_usb(DEMO_GUEST):
+            print("    bus %(bus)s port %(port)s speed %(speed)s: %(product)s" % device)
+        module(demo, "kvmhost.usb.usb_detach", {"devices": [stick]})
+        print("  after usb_detach the guest sees %d USB device(s)" % len(demo.host.guest_usb(DEMO_GUEST)))
+    finally:
+        demo.host.remove_guest(DEMO_GUEST)
+
+
+def module(demo: Demo, name: str, args: dict[str, Any]) -> None:
+    result = run_module(demo.host, name, args)
+    if result["failed"]:
+        raise TestHostError("%s failed: %s" % (name, result.get("msg")))
+    print("  %s: %s" % (name, result["status"]))
+
+
 def write_report(demo: Demo) -> None:
     """Write the fleet's USB report with playbooks/report.yml: one self-contained HTML page."""
     path = os.path.join(BUILD_DIR, "usb-report.html")
@@ -69,7 +92,7 @@ def playbook(demo: Demo, name: str, extra_vars: dict[str, Any]) -> None:
     print("  " + recap.splitlines()[-1].strip())
 
 
-STEPS: list[Callable[[Demo], None]] = [build_image, boot_test_host, enable_host, list_usb_devices, write_report]
+STEPS: list[Callable[[Demo], None]] = [build_image, boot_test_host, enable_host, list_usb_devices, pass_stick_to_guest, write_report]
 
 
 def device_row(device: dict[str, Any], host: str) -> list[str]:
