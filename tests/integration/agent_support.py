@@ -68,6 +68,22 @@ def bound_in_guest(host: TestHost, guest: str, serial: str) -> list[dict[str, An
     return [device for device in host.guest_usb(guest) if device["host"] and device["host"]["attached"] and device["host"]["hostdevice"] == path]
 
 
+def wait_settled(host: TestHost, guest: str, serial: str, timeout: float = 120.0) -> tuple[int, int]:
+    """After a storm: wait until the device keeps one kernel address for a few seconds and the guest
+    holds it there; that address. (The kernel may still be enumerating the storm's last plug when
+    the guest already holds an earlier one.)"""
+    deadline = time.monotonic() + timeout
+    previous = None
+    while True:
+        address = kernel_address(host, serial)
+        if address is not None and address == previous and bound_in_guest(host, guest, serial):
+            return address
+        if time.monotonic() > deadline:
+            raise AssertionError("%s did not settle in %s: kernel %s, guest %s" % (serial, guest, address, host.guest_usb(guest)))
+        previous = address
+        time.sleep(3)
+
+
 def wait_in_guest(host: TestHost, guest: str, serial: str, timeout: float = 90.0) -> dict[str, Any]:
     """Wait until the guest holds the host device with this serial at its current address."""
     deadline = time.monotonic() + timeout

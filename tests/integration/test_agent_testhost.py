@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.agent_support import UNIT, journal, kernel_address, set_agent, wait_in_guest, wait_journal
+from tests.integration.agent_support import UNIT, journal, kernel_address, set_agent, wait_in_guest, wait_journal, wait_settled
 from tests.testhost import TestHost
 from tests.testhost.ansible import run_module
 
@@ -172,8 +172,7 @@ def test_storm_of_ten_replugs_ends_attached(agent: TestHost, vm: str) -> None:
     wait_in_guest(agent, vm, "KING0001")
     start = len(journal(agent))
     storm(agent, "stick", 10)
-    wait_in_guest(agent, vm, "KING0001")
-    new = kernel_address(agent, "KING0001")
+    new = wait_settled(agent, vm, "KING0001")
     wait_journal(agent, start, r"^attached %s to %s \(live, address %03d:%03d\)$" % (STICK, vm, new[0], new[1]))
     assert hostdev_sources(agent, vm) == ["<source><vendor id='0x46f4'/><product id='0x0001'/><address bus='%d' device='%d'/></source>" % new]
     assert len(hostdev_sources(agent, vm, inactive=True)) == 1
@@ -187,8 +186,7 @@ def test_agent_restarted_in_the_middle_of_a_storm(agent: TestHost, vm: str) -> N
     attach(agent, vm, ["46f4:0001"])
     wait_in_guest(agent, vm, "KING0001")
     storm(agent, "stick", 10, restart_after=5)
-    wait_in_guest(agent, vm, "KING0001")
-    new = kernel_address(agent, "KING0001")
+    new = wait_settled(agent, vm, "KING0001")
     assert agent.ssh("systemctl", "is-active", UNIT).stdout.strip() == "active"
     assert hostdev_sources(agent, vm) == ["<source><vendor id='0x46f4'/><product id='0x0001'/><address bus='%d' device='%d'/></source>" % new]
     assert intent_status(agent, vm, "live") == {STICK: "attached"}
