@@ -16,9 +16,15 @@ connection = libvirt.open("qemu:///system")
 domain = connection.lookupByName(sys.argv[1])
 
 
+class Gone(Exception):
+    """QEMU answered with an error: the device went away between listing and asking (an agent at work)."""
+
+
 def qmp(command, **arguments):
-    reply = libvirt_qemu.qemuMonitorCommand(domain, json.dumps({"execute": command, "arguments": arguments}), 0)
-    return json.loads(reply)["return"]
+    reply = json.loads(libvirt_qemu.qemuMonitorCommand(domain, json.dumps({"execute": command, "arguments": arguments}), 0))
+    if "return" not in reply:
+        raise Gone(reply.get("error"))
+    return reply["return"]
 
 
 text = libvirt_qemu.qemuMonitorCommand(domain, "info usb", libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
@@ -27,5 +33,8 @@ for child in qmp("qom-list", path="/machine/peripheral"):
     if child["type"] != "child<usb-host>":
         continue
     path = "/machine/peripheral/" + child["name"]
-    host_devices[child["name"]] = {name: qmp("qom-get", path=path, property=name) for name in ("attached", "hostbus", "hostaddr", "hostdevice")}
+    try:
+        host_devices[child["name"]] = {name: qmp("qom-get", path=path, property=name) for name in ("attached", "hostbus", "hostaddr", "hostdevice")}
+    except Gone:
+        continue
 print(json.dumps({"info_usb": text, "host_devices": host_devices}))
