@@ -10,6 +10,7 @@ import xml.etree.ElementTree as ET
 import libvirt
 import pytest
 
+from tests.lib.domains import undefine
 from tests.lib.modrun import collection_root, run_module
 from tests.unit.trees import REFERENCE, hid
 
@@ -84,15 +85,7 @@ class Domains:
         )
 
     def remove(self, name):
-        try:
-            domain = self.conn.lookupByName(name)
-        except libvirt.libvirtError:
-            return
-        persistent = domain.isPersistent()  # a transient domain is gone once destroyed
-        if domain.isActive():
-            domain.destroy()
-        if persistent:
-            domain.undefine()
+        undefine(self.conn, name)
 
     def close(self):
         for name in self.names:
