@@ -5,7 +5,8 @@
 across unplug, replug and domain start, on udev and libvirt events.
 
 ``reconcile`` is one pass: it reads the host's devices and every domain with the collection's
-intent, plans with the same ``_passthrough`` code as usb_attach, and carries the plan out:
+intent, plans with the same planner as usb_passthrough (``_passthrough.Planner``, its recorded intent as the
+declaration, on the one host model ``_host.HostModel``), and carries the plan out:
 
 * a declared device that is present: attached live to the running domain that declares it, and the
   hostdev of each configuration re-bound to its new address when a replug changed it;
@@ -28,10 +29,10 @@ import time
 
 from dataclasses import dataclass
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _libvirt, _passthrough, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils import _host, _libvirt, _passthrough, _usb
 
-LIVE = _passthrough.LIVE
-PERSISTENT = _passthrough.PERSISTENT
+LIVE = _host.LIVE
+PERSISTENT = _host.PERSISTENT
 
 
 @dataclass
@@ -60,15 +61,14 @@ def declares(domain):
     return any(config.intent for config in domain.configs.values())
 
 
-def _live_holders(manager, device, domain):
-    return [holder.name for holder, scopes in manager.holders(device, exclude=domain) if LIVE in scopes]
+def _live_holders(model, device, domain):
+    return [holder.name for holder, scopes in model.holders(device, exclude=domain) if LIVE in scopes]
 
 
-def plan_domain(manager, domain):
-    """Plan one declared domain on the manager's model: ``(actions, skipped)``, the steps in ``manager.steps``.
-
-    ``skipped`` are messages about declared devices that another running domain holds."""
-    present = dict((device["id"], device) for device in manager.candidates)
+def plan_domain(planner, domain):
+    """Plan one declared domain, its recorded intent as the declaration: ``(actions, skipped)``, the steps
+    in ``planner.steps``. ``skipped`` are messages about declared devices another running domain holds."""
+    model = planner.model
     actions = []
     skipped = []
     for scope in (LIVE, PERSISTENT):
@@ -76,17 +76,15 @@ def plan_domain(manager, domain):
         if config is None:
             continue
         for entry in list(config.intent):
-            device = present.get(entry["id"])
-            before = len(manager.steps)
+            device = model.find(entry)
             if device is None:
-                if scope == LIVE:
-                    manager.plan_unplugged(domain, scope, _passthrough.absent_device(entry["id"]))
-            elif scope == LIVE and _live_holders(manager, device, domain):
-                skipped.append("not attaching %s to %s: held by %s" % (entry["id"], domain.name, ", ".join(_live_holders(manager, device, domain))))
+                device = _host.absent_device(entry["id"])
+            elif scope == LIVE and _live_holders(model, device, domain):
+                skipped.append("not attaching %s to %s: held by %s" % (entry["id"], domain.name, ", ".join(_live_holders(model, device, domain))))
                 continue
-            else:
-                manager.plan_attach(domain, [scope], entry["selector"], device)
-            actions.extend(_actions(manager.steps[before:], entry["id"]))
+            before = len(planner.steps)
+            planner.plan_attach(domain, [scope], entry["selector"], device)
+            actions.extend(_actions(planner.steps[before:], entry["id"]))
     return actions, skipped
 
 
@@ -100,26 +98,30 @@ def _actions(steps, device_id):
 
 
 def reconcile(conn, uri="qemu:///system", check_mode=False):
-    """One pass over every declared domain; the lines to log, one per action (or refusal)."""
-    manager = _passthrough.Passthrough(conn, uri, check_mode)
-    manager.enumerate()
+    """One pass over every declared domain; the lines to log, one per action (or refusal).
+
+    Each domain is planned and carried out on its own, so a domain libvirt refuses does not hold up the others."""
+    planner = _passthrough.Planner(conn, uri, check_mode)
+    planner.enumerate()
     lines = []
-    with _passthrough._maybe_lock(check_mode):
-        manager.load_domains()
-        for domain in manager.domains:
+    with _passthrough.maybe_lock(check_mode):
+        planner.load_domains()
+        for domain in planner.model.domains:
             if not declares(domain):
                 continue
-            manager.steps = []
-            manager.touched = []
-            actions, skipped = plan_domain(manager, domain)
+            planner.steps = []
+            planner.touched = []
+            actions, skipped = plan_domain(planner, domain)
             lines.extend(skipped)
-            if not manager.steps:
+            if not planner.steps and not planner.touched:
                 continue
             try:
-                manager.execute()
+                planner.execute()
             except _passthrough.PassthroughError as error:
                 lines.append("failed to converge %s: %s" % (domain.name, error))
                 continue
+            if planner.touched and not actions and not check_mode:
+                lines.append("updated the intent of %s" % domain.name)
             lines.extend(("would have " if check_mode else "") + action.line() for action in actions)
     return lines
 

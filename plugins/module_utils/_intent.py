@@ -7,13 +7,15 @@ In the domain XML it reads::
 
     <metadata>
       <kvmhost-usb:passthrough xmlns:kvmhost-usb="http://kvmhost.usb/ns/passthrough/1">
-        <kvmhost-usb:device id="0951:1666:E0D55EA5741AF160B9740A81">
+        <kvmhost-usb:device id="0951:1666:E0D55EA5741AF160B9740A81" serial="E0D55EA5741AF160B9740A81" port="2-1" address="002:002">
           <kvmhost-usb:selector vendor_id="0951" product_id="1666"/>
         </kvmhost-usb:device>
       </kvmhost-usb:passthrough>
     </metadata>
 
-Each entry is the resolved device id and the normalised selector the operator gave.
+Each entry is the resolved device id and the normalised selector the operator gave and, since 0.2.0, the
+device's serial, port and the bus/device address it was bound at: what finds the device again after the
+id rule changed its id (see ``_host``). Entries written by 0.1.0 lack them and are completed on the next run.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from ansible_collections.kvmhost.usb.plugins.module_utils._usb import SELECTOR_F
 NAMESPACE = "http://kvmhost.usb/ns/passthrough/1"
 PREFIX = "kvmhost-usb"
 ROOT = "passthrough"
+# What the device had when it was bound, beside its id.
+BOUND_FIELDS = ("serial", "port", "address")
 
 ET.register_namespace(PREFIX, NAMESPACE)
 
@@ -40,7 +44,9 @@ def from_domain_xml(xml_text: str) -> list[dict]:
         selector_element = device.find("{%s}selector" % NAMESPACE)
         attributes = selector_element.attrib if selector_element is not None else {}
         selector = dict((field, attributes[field]) for field in SELECTOR_FIELDS if attributes.get(field))
-        entries.append({"id": device.get("id"), "selector": selector})
+        entry = {"id": device.get("id"), "selector": selector}
+        entry.update((key, device.get(key)) for key in BOUND_FIELDS if device.get(key))
+        entries.append(entry)
     return entries
 
 
@@ -51,6 +57,9 @@ def to_xml(entries: list[dict], namespace: str | None = None) -> str:
     root = ET.Element(tag % ROOT)
     for entry in entries:
         device = ET.SubElement(root, tag % "device", id=entry["id"])
+        for key in BOUND_FIELDS:
+            if entry.get(key):
+                device.set(key, entry[key])
         ET.SubElement(device, tag % "selector", dict((field, entry["selector"][field]) for field in SELECTOR_FIELDS if field in entry["selector"]))
     return ET.tostring(root, encoding="unicode")
 

@@ -9,8 +9,6 @@ import re
 import traceback
 import xml.etree.ElementTree as ET
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _intent
-
 LIBVIRT_IMPORT_ERROR = None
 try:
     import libvirt
@@ -108,34 +106,6 @@ def hostdev_matches(hostdev, device):
             return False
         return hostdev["vendor_id"] is None or hostdev["vendor_id"] == device["vendor_id"]
     return hostdev["vendor_id"] == device["vendor_id"] and hostdev["product_id"] == device["product_id"]
-
-
-def list_domain_hostdevs(conn):
-    """Every domain with its USB hostdevs, live (running XML) and persistent (inactive XML) apart.
-
-    ``configs`` has the same per configuration the domain has, with the passthrough intent of each."""
-    domains = []
-    for domain in conn.listAllDomains(0):
-        entry = {"name": domain.name(), "state": domain_state_name(domain), "live": [], "persistent": [], "configs": {}}
-        for scope, present, inactive in (("live", domain.isActive(), False), ("persistent", domain.isPersistent(), True)):
-            if present:
-                xml_text = domain_xml(domain, inactive=inactive)
-                entry[scope] = usb_hostdevs(xml_text)
-                entry["configs"][scope] = {"hostdevs": entry[scope], "intent": _intent.from_domain_xml(xml_text)}
-        domains.append(entry)
-    return domains
-
-
-def add_attachments(devices, domains):
-    """Set ``attached_to`` on every device: the names of the domains whose hostdevs designate it."""
-    for device in devices:
-        device["attached_to"] = {
-            "live": sorted(domain["name"] for domain in domains if any(hostdev_matches(h, device) for h in domain["live"])),
-            "persistent": sorted(
-                domain["name"] for domain in domains if any(hostdev_matches(h, device) for h in domain["persistent"])
-            ),
-        }
-    return devices
 
 
 def hostdev_xml(hostdev):

@@ -1,65 +1,39 @@
 # Copyright (c) 2026, kvmhost.usb contributors
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
 
-"""Attach USB devices to libvirt domains and detach them: what usb_attach and usb_detach share.
+"""The planner: a host's declared USB passthrough turned into libvirt steps, planned as a whole.
 
-A run reads every domain (live and persistent configuration, hostdevs and intent), plans the
-changes on that in-memory model, and then carries them out in a fixed order: live hostdevs,
-persistent hostdevs, intent metadata. When libvirt refuses a step the steps done so far are
-undone, so a refused live attach leaves the persistent configuration as it was. Check mode plans
-and reports, and carries out nothing. Diffs are rendered from the model before and after.
-
-Which hostdev of a configuration stands for a device:
-
-* one that designates exactly that device among the host's present devices (by bus/device
-  address, or by vendor:product when only one device has it);
-* one that designates several devices (vendor:product without address) or none (an address left
-  by a replug), with the device's vendor:product, when the intent names the device or names no
-  device of that vendor:product at all.
+usb_passthrough (the host's whole declared state), usb_attach, usb_detach and the reattach agent all
+plan here, on one host model (``_host.HostModel``): one enumeration, one lock, one read of every
+domain. Each planned step changes the model at once, so later decisions see it, and is carried out
+afterwards in a fixed order: every detach (live, then persistent) of every domain before any attach
+anywhere (live, then persistent), then the intent metadata. So moves, swaps and rotations need no
+``steal`` and no device is ever in two guests at once. When libvirt refuses a step, the steps done so
+far are undone, across all domains. Check mode plans and reports, and carries out nothing. Diffs are
+rendered from the model before and after.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
 import os
 import tempfile
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _intent, _libvirt, _mounts, _usb
-
-LIVE = "live"
-PERSISTENT = "persistent"
+from ansible_collections.kvmhost.usb.plugins.module_utils import _host, _intent, _libvirt, _mounts, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils._host import LIVE, PERSISTENT, Config, Domain, HostModel
 
 LOCK_PATH = "/run/lock/kvmhost-usb.lock"
 # Tests point this at their own file; operators have no reason to.
 LOCK_PATH_ENV = "KVMHOST_USB_LOCK"
+DOMAIN_SETTINGS = ("devices", "exclusive", "auto_start", "controller")
 
 
 class PassthroughError(Exception):
-    """An attach or detach that must not or could not be done; the message says what was left changed, if anything."""
-
-
-@dataclass
-class Config:
-    hostdevs: list
-    intent: list
-
-
-@dataclass
-class Domain:
-    handle: Any
-    name: str
-    uuid: str
-    state: str
-    configs: dict
-    before: dict = field(default_factory=dict)
-
-    def summary(self) -> dict:
-        return {"name": self.name, "uuid": self.uuid, "state": self.state}
+    """A change that must not or could not be made; the message says what was left changed, if anything."""
 
 
 @dataclass
@@ -90,6 +64,30 @@ def normalize_selectors(items: list, allow_empty: bool = False) -> list[dict]:
     return [_usb.normalize_selector(item) for item in items]
 
 
+def normalize_declaration(domains: dict) -> dict:
+    """``{name: {"devices": [selectors], "exclusive", "auto_start"}}`` from the role's usb_passthrough;
+    the first malformed entry fails, naming its domain."""
+    if not isinstance(domains, dict):
+        raise PassthroughError("domains must map domain names to their settings, got %r" % (domains,))
+    declaration = {}
+    for name, settings in domains.items():
+        settings = settings if settings is not None else {}
+        if not isinstance(settings, dict):
+            raise PassthroughError("Domain %s: its settings must be a mapping of %s, got %r" % (name, ", ".join(DOMAIN_SETTINGS), settings))
+        unknown = sorted(set(settings) - set(DOMAIN_SETTINGS))
+        if unknown:
+            raise PassthroughError("Domain %s: unknown setting(s) %s; accepted: %s" % (name, ", ".join(unknown), ", ".join(DOMAIN_SETTINGS)))
+        devices = settings.get("devices") or []
+        if not isinstance(devices, list):
+            raise PassthroughError("Domain %s: devices must be a list of selectors, got %r" % (name, devices))
+        try:
+            selectors = [_usb.normalize_selector(item) for item in devices]
+        except _usb.SelectorError as error:
+            raise PassthroughError("Domain %s: %s" % (name, error))
+        declaration[str(name)] = {"devices": selectors, "exclusive": bool(settings.get("exclusive")), "auto_start": bool(settings.get("auto_start"))}
+    return declaration
+
+
 @contextlib.contextmanager
 def host_lock(path: str | None = None) -> Iterator[None]:
     """Serialise passthrough changes on this host, across processes (flock, released on exit)."""
@@ -107,54 +105,40 @@ def host_lock(path: str | None = None) -> Iterator[None]:
         os.close(descriptor)
 
 
-def _read_config(xml_text: str) -> Config:
-    return Config(hostdevs=_libvirt.usb_hostdevs(xml_text), intent=_intent.from_domain_xml(xml_text))
+def maybe_lock(check_mode: bool) -> Any:
+    return contextlib.nullcontext() if check_mode else host_lock()
 
 
-def load_domain(handle: Any) -> Domain:
-    configs = {}
-    if handle.isActive():
-        configs[LIVE] = _read_config(_libvirt.domain_xml(handle))
-    if handle.isPersistent():
-        configs[PERSISTENT] = _read_config(_libvirt.domain_xml(handle, inactive=True))
-    return Domain(
-        handle=handle,
-        name=handle.name(),
-        uuid=handle.UUIDString(),
-        state=_libvirt.domain_state_name(handle),
-        configs=configs,
-        before=copy.deepcopy(configs),
-    )
+def _device_key(device: dict) -> Any:
+    return ("absent", device["id"]) if device.get("absent") else id(device)
 
 
-def _vendor_product(item: dict) -> tuple:
-    return (item.get("vendor_id"), item.get("product_id"))
-
-
-def absent_device(device_id: str) -> dict:
-    """A stand-in for a device that is not plugged in, known only by the id an intent recorded."""
-    return {"id": device_id, "vendor_id": device_id[0:4], "product_id": device_id[5:9], "vendor_device_id": device_id[0:9]}
-
-
-class Passthrough:
+class Planner:
     def __init__(self, conn: Any, uri: str, check_mode: bool) -> None:
         self.conn = conn
         self.uri = uri
         self.check_mode = check_mode
         self.context = _usb.pyudev.Context()
+        self.model = HostModel([], [])
         self.devices = []
-        self.candidates = []
-        self.domains = []
         self.steps = []
         self.touched = []
+        self.warnings = []
 
     # Reading the host
 
     def enumerate(self) -> None:
-        self.devices = _usb.enumerate_devices(self.context)
-        self.candidates = _usb.passthrough_candidates(self.devices)
+        self.model = HostModel(_usb.enumerate_devices(self.context), [])
+        self.devices = self.model.devices
+
+    def load_domains(self) -> None:
+        try:
+            self.model.domains = _host.load_domains(self.conn, self.uri)
+        except _host.HostError as error:
+            raise PassthroughError(str(error))
 
     def lookup(self, name_or_uuid: str) -> Any:
+        """The domain's handle before the host is read, so an unknown domain fails first."""
         try:
             handle = _libvirt.lookup_domain(self.conn, name_or_uuid)
             if handle is not None:
@@ -164,32 +148,41 @@ class Passthrough:
             raise PassthroughError("Cannot look up domain %r at %s: %s" % (name_or_uuid, self.uri, _libvirt.error_message(error)))
         raise PassthroughError("Unknown domain %r at %s; its domains: %s" % (name_or_uuid, self.uri, ", ".join(names) or "none"))
 
-    def load_domains(self) -> None:
-        domains = []
+    def domain(self, name_or_uuid: str) -> Domain:
+        domain = self.model.domain(name_or_uuid)
+        if domain is None:
+            raise PassthroughError("Domain %s disappeared while it was being changed" % name_or_uuid)
+        return domain
+
+    def choose(self, domain: Domain | None, selector: dict, allow_absent: bool = False) -> dict:
+        """The device a selector chooses for a domain. Beyond the plain rule (exactly one present device
+        matches): a device the domain holds stays its own when a twin makes the selector ambiguous, the
+        device the domain's intent recorded for this selector is found after its id changed, and with
+        ``allow_absent`` a device named by its full serial id may be absent."""
         try:
-            handles = self.conn.listAllDomains(0)
-        except _libvirt.libvirt.libvirtError as error:
-            raise PassthroughError("Cannot list the domains at %s: %s" % (self.uri, _libvirt.error_message(error)))
-        for handle in handles:
-            try:
-                domains.append(load_domain(handle))
-            except _libvirt.libvirt.libvirtError as error:
-                if error.get_error_code() != _libvirt.libvirt.VIR_ERR_NO_DOMAIN:
-                    raise PassthroughError("Cannot read domain %s: %s" % (handle.name(), _libvirt.error_message(error)))
-        self.domains = domains
+            return _usb.select_device(self.devices, selector)
+        except _usb.SelectorError:
+            matches = [device for device in self.model.candidates if _usb.selector_matches(selector, device)]
+            if domain is not None and len(matches) > 1:
+                held = [device for device in matches if any(self.model.claims(config, device) for config in domain.configs.values())]
+                if len(held) == 1:
+                    return held[0]
+            if domain is not None and not matches:
+                recorded = self.model.recorded(domain, selector)
+                if recorded and recorded[1] is not None:
+                    return recorded[1]
+                if allow_absent and recorded:
+                    return _host.absent_device(recorded[0]["id"])
+            if allow_absent and not matches and _host.entry_serial({"id": selector.get("id", "")}) and set(selector) == {"id"}:
+                return _host.absent_device(selector["id"])
+            raise
 
-    def domain_by_uuid(self, uuid: str) -> Domain:
-        for domain in self.domains:
-            if domain.uuid == uuid:
-                return domain
-        raise PassthroughError("Domain %s disappeared while it was being changed" % uuid)
-
-    def resolve(self, selectors: list[dict]) -> list[tuple[dict, dict]]:
+    def resolve(self, domain: Domain | None, selectors: list[dict], allow_absent: bool = False) -> list[tuple[dict, dict]]:
         resolved = []
         for selector in selectors:
-            device = _usb.select_device(self.devices, selector)
+            device = self.choose(domain, selector, allow_absent)
             for earlier_selector, earlier in resolved:
-                if earlier is device:
+                if _device_key(earlier) == _device_key(device):
                     raise _usb.SelectorError(
                         "Selectors (%s) and (%s) both choose %s"
                         % (_usb.describe_selector(earlier_selector), _usb.describe_selector(selector), device["id"])
@@ -200,6 +193,8 @@ class Passthrough:
     def refuse_host_critical(self, devices: list[dict]) -> None:
         table = _mounts.mount_table()
         for device in devices:
+            if device.get("absent"):
+                continue
             mounts = _mounts.backing_mounts(self.context, device["sys_path"], table)
             if mounts:
                 raise PassthroughError(
@@ -207,46 +202,11 @@ class Passthrough:
                     % (_usb.describe_device(device), ", ".join(mounts))
                 )
 
-    # Which hostdevs stand for which device
-
-    def targets(self, hostdev: dict) -> list[dict]:
-        return [device for device in self.candidates if _libvirt.hostdev_matches(hostdev, device)]
-
-    def stands_for(self, hostdev: dict, device: dict, config: Config) -> bool:
-        found = self.targets(hostdev)
-        if found:
-            if device not in found:
-                return False
-            if len(found) == 1:
-                return True
-        elif _vendor_product(hostdev) != _vendor_product(device):
-            return False
-        named = [entry["id"] for entry in config.intent]
-        if device["id"] in named:
-            return True
-        return not any(name[0:9] == device["vendor_device_id"] for name in named)
-
-    def holds(self, config: Config, device: dict) -> bool:
-        if any(entry["id"] == device["id"] for entry in config.intent):
-            return True
-        return any(self.targets(hostdev) and self.stands_for(hostdev, device, config) for hostdev in config.hostdevs)
-
-    def holders(self, device: dict, exclude: Domain | None = None) -> list[tuple[Domain, list[str]]]:
-        """``[(domain, [scopes])]`` of the domains holding the device."""
-        found = []
-        for domain in self.domains:
-            if domain is exclude:
-                continue
-            scopes = [scope for scope in (LIVE, PERSISTENT) if scope in domain.configs and self.holds(domain.configs[scope], device)]
-            if scopes:
-                found.append((domain, scopes))
-        return found
-
     def wanted_hostdev(self, device: dict, scope: str) -> dict:
         """Live: the exact device. Persistent: vendor:product, with the address only when another
         device of the host has the same vendor:product, and optional so the domain starts without it."""
         hostdev = {"vendor_id": device["vendor_id"], "product_id": device["product_id"], "bus": None, "device": None, "startup_policy": None}
-        same = [other for other in self.candidates if _vendor_product(other) == _vendor_product(device)]
+        same = [other for other in self.model.candidates if other["vendor_device_id"] == device["vendor_device_id"]]
         if scope == LIVE or len(same) > 1:
             hostdev["bus"] = device["bus"]
             hostdev["device"] = device["device"]
@@ -269,56 +229,66 @@ class Passthrough:
         self.steps.append(Step(domain=domain, scope=scope, action=action, hostdev=hostdev))
         self._touch(domain)
 
-    def bound(self, hostdev: dict, device: dict, scope: str) -> bool:
-        """Whether the hostdev designates exactly this device; live, only by its bus/device address
-        (a live hostdev without one is what libvirt leaves of an optional device that was absent at start)."""
-        if scope == LIVE and (hostdev["bus"] is None or hostdev["device"] is None):
-            return False
-        return self.targets(hostdev) == [device]
+    def _record(self, domain: Domain, config: Config, device: dict, selector: dict, rebound: bool) -> None:
+        """Put the device's entry into the configuration's intent. An entry that already means the device
+        keeps its id (the id rule may have changed the device's since) and, unless the hostdev was re-bound
+        now, the address it was bound at; one of an absent device keeps what will find it again."""
+        entry = _host.new_entry(device, selector)
+        for index, existing in enumerate(config.intent):
+            if existing["id"] == entry["id"] or (not device.get("absent") and self.model.find(existing) is device):
+                if device.get("absent"):
+                    entry = dict(existing, selector=selector)
+                entry["id"] = existing["id"]
+                if not rebound and existing.get("address"):
+                    entry["address"] = existing["address"]
+                if entry != existing:
+                    config.intent[index] = entry
+                    self._touch(domain)
+                return
+        config.intent.append(entry)
+        self._touch(domain)
 
     def plan_attach(self, domain: Domain, scopes: list[str], selector: dict, device: dict) -> None:
         for scope in scopes:
             config = domain.configs[scope]
-            standing = [hostdev for hostdev in config.hostdevs if self.stands_for(hostdev, device, config)]
-            if not any(self.bound(hostdev, device, scope) for hostdev in standing):
-                if standing:
-                    # Left by a replug, or too vague to start the domain: re-bind it.
-                    self._hostdev_step(domain, scope, "detach", standing[0])
-                self._hostdev_step(domain, scope, "attach", self.wanted_hostdev(device, scope))
-            entry = {"id": device["id"], "selector": selector}
-            intent = config.intent
-            for index, existing in enumerate(intent):
-                if existing["id"] == device["id"]:
-                    intent[index] = entry
-                    break
+            rebound = False
+            if device.get("absent"):
+                if scope == LIVE:
+                    for hostdev in self.model.standing(config, device):
+                        self._hostdev_step(domain, scope, "detach", hostdev)
             else:
-                intent.append(entry)
-            self._touch(domain)
+                standing = self.model.standing(config, device)
+                if not any(self.model.bound(hostdev, device, scope) for hostdev in standing):
+                    if standing:
+                        # Left by a replug, or too vague to start the domain: re-bind it.
+                        self._hostdev_step(domain, scope, "detach", standing[0])
+                    self._hostdev_step(domain, scope, "attach", self.wanted_hostdev(device, scope))
+                    rebound = True
+            self._record(domain, config, device, selector, rebound)
 
     def plan_exclusive(self, domain: Domain, scopes: list[str], kept: list[dict]) -> None:
         """Take from the domain every USB device it holds other than ``kept``: the hostdevs that stand
         for none of them (stale ones and hand-written ones included) and the other intent entries."""
-        kept_ids = [device["id"] for device in kept]
+        kept_keys = [_device_key(device) for device in kept]
         for scope in scopes:
             config = domain.configs[scope]
-            for hostdev in [hostdev for hostdev in config.hostdevs if not any(self.stands_for(hostdev, device, config) for device in kept)]:
+            for hostdev in [hostdev for hostdev in config.hostdevs if not any(self.model.stands_for(hostdev, device, config) for device in kept)]:
                 self._hostdev_step(domain, scope, "detach", hostdev)
-            remaining = [entry for entry in config.intent if entry["id"] in kept_ids]
+            remaining = [entry for entry in config.intent if self._entry_key(entry) in kept_keys]
             if remaining != config.intent:
                 config.intent[:] = remaining
                 self._touch(domain)
 
-    def plan_unplugged(self, domain: Domain, scope: str, device: dict) -> None:
-        """Take the hostdevs that stand for a device that is not plugged in out of one configuration; the intent stays."""
-        config = domain.configs[scope]
-        for hostdev in [hostdev for hostdev in config.hostdevs if self.stands_for(hostdev, device, config)]:
-            self._hostdev_step(domain, scope, "detach", hostdev)
+    def _entry_key(self, entry: dict) -> Any:
+        device = self.model.find(entry)
+        return _device_key(device) if device is not None else ("absent", entry["id"])
 
     def plan_detach(self, domain: Domain, device: dict) -> None:
+        key = _device_key(device)
         for scope, config in domain.configs.items():
-            for hostdev in [hostdev for hostdev in config.hostdevs if self.stands_for(hostdev, device, config)]:
+            for hostdev in self.model.standing(config, device):
                 self._hostdev_step(domain, scope, "detach", hostdev)
-            kept = [entry for entry in config.intent if entry["id"] != device["id"]]
+            kept = [entry for entry in config.intent if self._entry_key(entry) != key]
             if kept != config.intent:
                 config.intent[:] = kept
                 self._touch(domain)
@@ -335,9 +305,10 @@ class Passthrough:
     # Carrying it out
 
     def ordered_steps(self) -> list[Step]:
-        live = [step for step in self.steps if step.scope == LIVE]
-        persistent = [step for step in self.steps if step.scope == PERSISTENT]
-        return live + persistent + self._intent_steps()
+        def picked(action: str, scope: str) -> list[Step]:
+            return [step for step in self.steps if step.action == action and step.scope == scope]
+
+        return picked("detach", LIVE) + picked("detach", PERSISTENT) + picked("attach", LIVE) + picked("attach", PERSISTENT) + self._intent_steps()
 
     def execute(self) -> list[Step]:
         steps = self.ordered_steps()
@@ -352,7 +323,10 @@ class Passthrough:
                 message = "libvirt refused to %s: %s" % (step.describe(), _libvirt.error_message(error))
                 if problems:
                     raise PassthroughError(message + ". Undoing the earlier steps failed too, check: " + "; ".join(problems))
-                raise PassthroughError(message + (". The earlier steps were undone; nothing was changed." if done else ". Nothing was changed."))
+                if done:
+                    names = sorted(set(step.domain.name for step in done))
+                    raise PassthroughError(message + ". The %d earlier step(s) were undone; %s left as they were." % (len(done), ", ".join(names)))
+                raise PassthroughError(message + ". Nothing was changed.")
             done.append(step)
         return steps
 
@@ -373,15 +347,13 @@ class Passthrough:
                 raise PassthroughError("The devices are in place, but starting domain %s failed: %s" % (domain.name, _libvirt.error_message(error)))
         domain.state = "running"
 
-    # Reporting
+    def start_all(self, domains: list[Domain]) -> list[Domain]:
+        started = [domain for domain in domains if not domain.running]
+        for domain in started:
+            self.start(domain)
+        return started
 
-    def device_view(self, device: dict) -> dict:
-        view = _usb.public_view(device)
-        view["attached_to"] = dict(
-            (scope, sorted(domain.name for domain in self.domains if scope in domain.configs and self.holds(domain.configs[scope], device)))
-            for scope in (LIVE, PERSISTENT)
-        )
-        return view
+    # Reporting
 
     def diff(self, domains: list[Domain]) -> dict:
         return {
@@ -393,7 +365,119 @@ class Passthrough:
         actions = [step.describe() for step in steps] + ["start %s" % domain.name for domain in started]
         return {"changed": bool(actions), "actions": actions}
 
-    # The two operations
+    # The operations
+
+    def attach_scopes(self, domain: Domain, persistent: bool = True) -> list[str]:
+        if LIVE in domain.configs:
+            return [LIVE, PERSISTENT] if persistent and PERSISTENT in domain.configs else [LIVE]
+        if not persistent:
+            raise PassthroughError(
+                "persistent: false attaches to the running domain only, and domain %s is %s. Start it first, or leave persistent at true."
+                % (domain.name, domain.state)
+            )
+        return [PERSISTENT]
+
+    def plan_declaration(
+        self,
+        declaration: dict,
+        steal: bool = False,
+        whole_host: bool = False,
+        allow_host_critical: bool = False,
+        allow_absent: bool = True,
+        persistent: bool = True,
+    ) -> dict:
+        """Plan a declared state (see ``normalize_declaration``) on the read host: ``{domain: [(selector, device)]}``.
+
+        A declaration that contradicts itself or names what the host does not have fails here, before
+        any step is planned."""
+        unknown = [name for name in declaration if self.model.domain(name) is None]
+        if unknown:
+            raise PassthroughError(
+                "Unknown domain%s %s at %s; its domains: %s"
+                % ("s" if len(unknown) > 1 else "", ", ".join(repr(name) for name in unknown), self.uri, self.model.domain_names())
+            )
+        wanted = {}
+        owners = {}
+        for name, settings in declaration.items():
+            domain = self.model.domain(name)
+            try:
+                resolved = self.resolve(domain, settings["devices"], allow_absent)
+            except _usb.SelectorError as error:
+                raise PassthroughError(str(error) if len(declaration) == 1 else "Domain %s: %s" % (domain.name, error))
+            for _selector, device in resolved:
+                other = owners.get(_device_key(device))
+                if other is not None and other is not domain:
+                    raise PassthroughError(
+                        "Device %s is declared for both %s and %s; one device goes to one VM." % (device["id"], other.name, domain.name)
+                    )
+                owners[_device_key(device)] = domain
+            wanted[domain] = (settings, resolved)
+        if not allow_host_critical:
+            self.refuse_host_critical([device for _settings, resolved in wanted.values() for _selector, device in resolved])
+        for holder in list(self.model.domains):
+            self._plan_departures(holder, wanted, owners, steal, whole_host)
+        for domain, (settings, resolved) in wanted.items():
+            scopes = self.attach_scopes(domain, persistent)
+            if settings["exclusive"] or whole_host:
+                self.plan_exclusive(domain, scopes, [device for _selector, device in resolved])
+            for selector, device in resolved:
+                self.plan_attach(domain, scopes, selector, device)
+                if device.get("absent"):
+                    self.warnings.append(
+                        "Device %s declared for %s is not plugged in: its intent is recorded, and the reattach agent attaches it when it appears."
+                        % (device["id"], domain.name)
+                    )
+        return wanted
+
+    def _plan_departures(self, holder: Domain, wanted: dict, owners: dict, steal: bool, whole_host: bool) -> None:
+        """Take from ``holder`` what the declaration gives another domain; with ``whole_host``, an undeclared
+        domain loses everything (declared domains are emptied of the rest by ``plan_exclusive``)."""
+        declared = holder in wanted
+        if not declared and whole_host:
+            self.plan_exclusive(holder, list(holder.configs), [])
+            return
+        claimed = {}
+        for scope, config in holder.configs.items():
+            for device in self.model.claimed(config):
+                claimed.setdefault(_device_key(device), (device, []))[1].append(scope)
+        for key, (device, scopes) in claimed.items():
+            owner = owners.get(key)
+            if owner is None or owner is holder:
+                continue
+            if not declared and not steal:
+                raise PassthroughError(
+                    "Device %s is held by domain %s (%s); one device goes to one VM. Detach it there first, or set steal: true to move it to %s."
+                    % (device["id"] if device.get("absent") else _usb.describe_device(device), holder.name, ", ".join(scopes), owner.name)
+                )
+            self.plan_detach(holder, device)
+
+    def converge(self, domains: dict, steal: bool = False, whole_host: bool = False, allow_host_critical: bool = False) -> dict:
+        """usb_passthrough: the host's declared state in one pass."""
+        declaration = normalize_declaration(domains)
+        self.enumerate()
+        with maybe_lock(self.check_mode):
+            self.load_domains()
+            drift = self.model.drift(declaration, _usb.build_topology(self.devices))
+            try:
+                wanted = self.plan_declaration(declaration, steal=steal, whole_host=whole_host, allow_host_critical=allow_host_critical)
+            except PassthroughError as error:
+                error.drift = drift
+                raise
+            steps = self.execute()
+        started = self.start_all([domain for domain, (settings, _resolved) in wanted.items() if settings["auto_start"]])
+        result = self.result(steps, started)
+        result["domains"] = {}
+        for domain in self.model.domains:
+            if domain in wanted or domain in self.touched:
+                result["domains"][domain.name] = dict(
+                    domain.summary(),
+                    actions=self.result([step for step in steps if step.domain is domain], [domain] if domain in started else [])["actions"],
+                    devices=[device["id"] for _selector, device in wanted[domain][1]] if domain in wanted else [],
+                )
+        result["drift"] = drift
+        result["warnings"] = self.warnings
+        result["diff"] = self.diff(self.touched or list(wanted))
+        return result
 
     def attach(
         self,
@@ -405,106 +489,66 @@ class Passthrough:
         allow_host_critical: bool = False,
         exclusive: bool = False,
     ) -> dict:
+        """usb_attach: one domain gets the devices, in addition to what it has unless ``exclusive``."""
         handle = self.lookup(domain_name)
         self.enumerate()
-        resolved = self.resolve(selectors)
-        if not allow_host_critical:
-            self.refuse_host_critical([device for _selector, device in resolved])
-        with _maybe_lock(self.check_mode):
+        with maybe_lock(self.check_mode):
             self.load_domains()
-            domain = self.domain_by_uuid(handle.UUIDString())
-            scopes = self.attach_scopes(domain, persistent)
-            for _selector, device in resolved:
-                holders = self.holders(device, exclude=domain)
-                if holders and not steal:
-                    raise PassthroughError(
-                        "Device %s is held by %s; one device goes to one VM. Detach it there first, or set steal: true to move it to %s."
-                        % (_usb.describe_device(device), _describe_holders(holders), domain.name)
-                    )
-                for holder, _scopes in holders:
-                    self.plan_detach(holder, device)
-            if exclusive:
-                self.plan_exclusive(domain, scopes, [device for _selector, device in resolved])
-            for selector, device in resolved:
-                self.plan_attach(domain, scopes, selector, device)
+            domain = self.domain(handle.UUIDString())
+            declaration = {domain.uuid: {"devices": selectors, "exclusive": exclusive, "auto_start": auto_start}}
+            try:
+                wanted = self.plan_declaration(declaration, steal=steal, allow_host_critical=allow_host_critical, allow_absent=False, persistent=persistent)
+            except _usb.SelectorError as error:
+                raise PassthroughError(str(error))
             steps = self.execute()
-        started = []
-        if auto_start and domain.state not in ("running", "paused"):
-            self.start(domain)
-            started.append(domain)
+        started = self.start_all([domain] if auto_start else [])
         result = self.result(steps, started)
-        result["devices"] = [self.device_view(device) for _selector, device in resolved]
+        result["devices"] = [self.model.device_view(device) for _selector, device in wanted[domain][1]]
         result["domain"] = domain.summary()
         result["diff"] = self.diff(self.touched or [domain])
         return result
 
-    def attach_scopes(self, domain: Domain, persistent: bool) -> list[str]:
-        if LIVE in domain.configs:
-            return [LIVE, PERSISTENT] if persistent and PERSISTENT in domain.configs else [LIVE]
-        if not persistent:
-            raise PassthroughError(
-                "persistent: false attaches to the running domain only, and domain %s is %s. Start it first, or leave persistent at true."
-                % (domain.name, domain.state)
-            )
-        return [PERSISTENT]
-
     def detach(self, domain_name: str | None, selectors: list[dict], auto_start: bool = False) -> dict:
+        """usb_detach: the devices leave one domain, or whichever domains hold them."""
         handle = self.lookup(domain_name) if domain_name else None
         self.enumerate()
-        present = []
-        absent = []
-        for selector in selectors:
-            if any(_usb.selector_matches(selector, device) for device in self.devices):
-                present.append(_usb.select_device(self.devices, selector))
-            else:
-                absent.append(selector)
-        with _maybe_lock(self.check_mode):
+        with maybe_lock(self.check_mode):
             self.load_domains()
-            domains = [self.domain_by_uuid(handle.UUIDString())] if handle else self.domains
+            only = self.domain(handle.UUIDString()) if handle else None
+            domains = [only] if only else self.model.domains
+            present = []
+            for selector in selectors:
+                if any(_usb.selector_matches(selector, device) for device in self.devices):
+                    present.append(self.choose(only, selector))
+                    continue
+                absent = self.intended_absent(domains, selector)
+                for domain, device in absent:
+                    self.plan_detach(domain, device)
             for device in present:
                 for domain in domains:
-                    if handle or any(self.holds(config, device) for config in domain.configs.values()):
+                    if only or any(self.model.claims(config, device) for config in domain.configs.values()):
                         self.plan_detach(domain, device)
-            for selector in absent:
-                for domain, device in self.intended_absent(domains, selector):
-                    self.plan_detach(domain, device)
             steps = self.execute()
-        started = []
-        if auto_start:
-            for domain in [self.domain_by_uuid(handle.UUIDString())] if handle else self.touched:
-                if domain.state not in ("running", "paused"):
-                    self.start(domain)
-                    started.append(domain)
+        started = self.start_all(([only] if only else self.touched) if auto_start else [])
         result = self.result(steps, started)
-        result["devices"] = [self.device_view(device) for device in present]
-        result["domain"] = self.domain_by_uuid(handle.UUIDString()).summary() if handle else None
+        result["devices"] = [self.model.device_view(device) for device in present]
+        result["domain"] = only.summary() if only else None
         result["domains"] = [domain.summary() for domain in self.touched]
-        shown = self.touched or ([self.domain_by_uuid(handle.UUIDString())] if handle else [])
-        result["diff"] = self.diff(shown)
+        result["diff"] = self.diff(self.touched or ([only] if only else []))
         return result
 
     def intended_absent(self, domains: list[Domain], selector: dict) -> list[tuple[Domain, dict]]:
         """For a selector that matches no present device: the domains whose intent names it, and the device it named."""
         found = []
         for domain in domains:
-            for config in domain.configs.values():
-                for entry in config.intent:
-                    if entry["id"] == selector.get("id") or entry["selector"] == selector:
-                        pair = (domain, absent_device(entry["id"]))
-                        if pair not in found:
-                            found.append(pair)
+            recorded = self.model.recorded(domain, selector)
+            if recorded:
+                entry, device = recorded
+                found.append((domain, device if device is not None else _host.absent_device(entry["id"])))
         if not found:
             # Nothing names it either: the ordinary "no device matches" error, with what the host has.
             _usb.select_device(self.devices, selector)
         return found
-
-
-def _maybe_lock(check_mode: bool) -> Any:
-    return contextlib.nullcontext() if check_mode else host_lock()
-
-
-def _describe_holders(holders: list[tuple[Domain, list[str]]]) -> str:
-    return ", ".join("domain %s (%s)" % (domain.name, ", ".join(scopes)) for domain, scopes in holders)
 
 
 def _carry_out(step: Step, undo: bool = False) -> None:

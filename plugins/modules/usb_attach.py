@@ -192,7 +192,7 @@ def main():
         selectors = _passthrough.normalize_selectors(params["devices"], allow_empty=params["exclusive"])
         conn = _libvirt.connect(params["uri"])
         try:
-            result = _passthrough.Passthrough(conn, params["uri"], module.check_mode).attach(
+            result = _passthrough.Planner(conn, params["uri"], module.check_mode).attach(
                 params["domain"],
                 selectors,
                 persistent=params["persistent"],

@@ -129,7 +129,7 @@ def main():
         selectors = _passthrough.normalize_selectors(params["devices"])
         conn = _libvirt.connect(params["uri"])
         try:
-            result = _passthrough.Passthrough(conn, params["uri"], module.check_mode).detach(
+            result = _passthrough.Planner(conn, params["uri"], module.check_mode).detach(
                 params["domain"], selectors, auto_start=params["auto_start"]
             )
         finally:

@@ -164,7 +164,7 @@ ansible_facts:
           description: sysfs path of the device.
           type: str
         attached_to:
-          description: Domains whose USB hostdevs designate the device.
+          description: Domains with a USB hostdev that stands for the device (see M(kvmhost.usb.usb_passthrough) for the rule).
           type: dict
           contains:
             live:
@@ -210,8 +210,12 @@ ansible_facts:
               description:
                 - The intent entries, each the device C(id), the C(selector) it was chosen by, and its C(status) in this configuration.
                 - C(attached) when a hostdev of the configuration designates the present device (in the running
-                  configuration, by its bus/device address); C(missing) when the device is not plugged in; C(stale) when
-                  it is plugged in and no hostdev designates it, as after a replug that the reattach agent has not caught up with.
+                  configuration, by its bus/device address); C(missing) when the device is not plugged in (or cannot be told
+                  apart from a twin); C(stale) when it is plugged in and no hostdev designates it, as after a replug that the
+                  reattach agent has not caught up with.
+                - Entries written since 0.2.0 also carry the C(serial), C(port) and bus/device C(address) the device had when
+                  it was bound: they find the device again after the id rule changed its id (a twin with the same serial
+                  plugged in beside it turns both ids port-based). The entry keeps the id it was recorded with.
               type: list
               elements: dict
         persistent:
@@ -227,43 +231,7 @@ ansible_facts:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _hostconf, _libvirt, _usb
-
-
-def hostdev_facts(hostdev, candidates):
-    designated = [device["id"] for device in candidates if _libvirt.hostdev_matches(hostdev, device)]
-    pinned = hostdev["bus"] is not None and hostdev["device"] is not None
-    return dict(
-        vendor_id=hostdev["vendor_id"],
-        product_id=hostdev["product_id"],
-        bus=hostdev["bus"],
-        device=hostdev["device"],
-        address="%03d:%03d" % (hostdev["bus"], hostdev["device"]) if pinned else None,
-        startup_policy=hostdev["startup_policy"],
-        devices=designated,
-        stale=pinned and not designated,
-    )
-
-
-def intent_status(entry, hostdevs, candidates, scope):
-    """``attached``: a hostdev of the configuration designates the present device (live: by its address);
-    ``missing``: the device is not plugged in; ``stale``: it is, and no hostdev designates it (left by a replug)."""
-    present = [device for device in candidates if device["id"] == entry["id"]]
-    if not present:
-        return "missing"
-    for hostdev in hostdevs:
-        pinned = hostdev["bus"] is not None and hostdev["device"] is not None
-        if (pinned or scope == "persistent") and _libvirt.hostdev_matches(hostdev, present[0]):
-            return "attached"
-    return "stale"
-
-
-def domain_facts(domain, candidates):
-    facts = dict(name=domain["name"], state=domain["state"], live=None, persistent=None)
-    for scope, config in domain["configs"].items():
-        intent = [dict(entry, status=intent_status(entry, config["hostdevs"], candidates, scope)) for entry in config["intent"]]
-        facts[scope] = dict(hostdevs=[hostdev_facts(hostdev, candidates) for hostdev in config["hostdevs"]], intent=intent)
-    return facts
+from ansible_collections.kvmhost.usb.plugins.module_utils import _host, _hostconf, _libvirt, _usb
 
 
 def main():
@@ -290,31 +258,27 @@ def main():
 
     devices = _usb.enumerate_devices()
     topology = _usb.build_topology(devices)
-
+    model = _host.HostModel(devices, [])
     if _libvirt.libvirt is None:
         module.warn("Not reporting attachments: " + missing_required_lib(_libvirt.LIBVIRT_REQUIREMENT))
-        domains = []
     else:
         try:
             conn = _libvirt.connect(module.params["uri"])
             try:
-                domains = _libvirt.list_domain_hostdevs(conn)
+                model.domains = _host.load_domains(conn, module.params["uri"])
             finally:
                 conn.close()
-        except (_libvirt.LibvirtError, _libvirt.libvirt.libvirtError) as error:
+        except (_libvirt.LibvirtError, _host.HostError, _libvirt.libvirt.libvirtError) as error:
             module.warn("Not reporting attachments: %s" % error)
-            domains = []
-    _libvirt.add_attachments(devices, domains)
-    candidates = _usb.passthrough_candidates(devices)
 
-    listed = devices if module.params["include_hubs"] else candidates
+    listed = devices if module.params["include_hubs"] else model.candidates
     listed = _usb.filter_devices(listed, filters)
     module.exit_json(
         changed=False,
         ansible_facts=dict(
-            usb_devices=[_usb.public_view(device) for device in listed],
+            usb_devices=[model.device_view(device) for device in listed],
             usb_topology=topology,
-            usb_domains=[domain_facts(domain, candidates) for domain in domains],
+            usb_domains=[model.domain_view(domain) for domain in model.domains],
             passthrough_enabled=_hostconf.passthrough_enabled(module.params["host_conf"]),
         ),
     )

@@ -107,12 +107,23 @@ def hostdev(vendor, product, bus=None, device=None, port=1, policy="optional"):
     )
 
 
+# What an intent entry records of the devices of REFERENCE and TWINS beside the id: serial, port, address.
+BOUND = {
+    KINGSTON_ID: {"serial": "E0D55EA5741AF160B9740A81", "port": "2-1", "address": "002:002"},
+    "0627:0001:42": {"serial": "42", "port": "1-1", "address": "001:002"},
+    "0627:0001:43": {"serial": "43", "port": "1-2", "address": "001:003"},
+}
+
+
 def intent(*entries):
-    """The metadata element for ``(id, {selector})`` entries as libvirt prints it."""
+    """The metadata element for ``(id, {selector})`` entries as libvirt prints it; an entry records the serial, port and
+    address of BOUND, or those of a third item ``{serial, port, address}`` (empty for an entry written by 0.1.0)."""
     text = '    <kvmhost-usb:passthrough xmlns:kvmhost-usb="%s">\n' % NAMESPACE
-    for device_id, selector in entries:
+    for device_id, selector, *bound in entries:
         attributes = "".join(' %s="%s"' % (key, value) for key, value in selector.items())
-        text += '      <kvmhost-usb:device id="%s">\n' % device_id
+        recorded = bound[0] if bound else BOUND.get(device_id, {})
+        fields = "".join(' %s="%s"' % (key, recorded[key]) for key in ("serial", "port", "address") if recorded.get(key))
+        text += '      <kvmhost-usb:device id="%s"%s>\n' % (device_id, fields)
         text += "        <kvmhost-usb:selector%s/>\n" % attributes
         text += "      </kvmhost-usb:device>\n"
     return text + "    </kvmhost-usb:passthrough>\n"

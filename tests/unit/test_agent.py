@@ -63,7 +63,7 @@ def test_replug_rebinds_the_persistent_hostdev_once(domains):
     assert ours(agent_pass(REPLUGGED), name) == ["re-bound 0627:0001:42 in %s (persistent, address 001:007)" % name]
     xml = domains.inactive(name)
     assert hostdevs(xml) == [hostdev("0627", "0001", 1, 7)]
-    assert metadata(xml) == intent(("0627:0001:42", {"id": "0627:0001:42"}))
+    assert metadata(xml) == intent(("0627:0001:42", {"id": "0627:0001:42"}, {"serial": "42", "port": "1-1", "address": "001:007"}))
     assert ours(agent_pass(REPLUGGED), name) == []
     assert domains.inactive(name) == xml
 

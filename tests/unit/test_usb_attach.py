@@ -82,7 +82,7 @@ def test_check_mode_changes_nothing_and_predicts_the_diff(domains):
         "after": "%s (persistent configuration):\n"
         '  <hostdev mode="subsystem" type="usb"><source startupPolicy="optional"><vendor id="0x0951" /><product id="0x1666" /></source></hostdev>\n'
         '  <kvmhost-usb:passthrough xmlns:kvmhost-usb="http://kvmhost.usb/ns/passthrough/1">\n'
-        '    <kvmhost-usb:device id="%s">\n'
+        '    <kvmhost-usb:device id="%s" serial="E0D55EA5741AF160B9740A81" port="2-1" address="002:002">\n'
         '      <kvmhost-usb:selector vendor_id="0951" product_id="1666" />\n'
         "    </kvmhost-usb:device>\n"
         "  </kvmhost-usb:passthrough>\n" % (name, KINGSTON_ID),
@@ -138,13 +138,15 @@ def test_replug_with_new_device_number_rebinds_the_address(domains):
     result = attach({"domain": name, "devices": ["0627:0001:42"]}, replugged)
     assert result["rc"] == 0, result
     assert result["changed"] is True
+    # The re-bound entry records the new address, where it finds the device if a twin changes its id.
     assert [action.split(":")[0] for action in result["actions"]] == [
         "detach from %s (persistent)" % name,
         "attach to %s (persistent)" % name,
+        "record the intent of %s (persistent)" % name,
     ]
     xml = domains.inactive(name)
     assert hostdevs(xml) == [hostdev("0627", "0001", 1, 7)]
-    assert metadata(xml) == intent(("0627:0001:42", {"id": "0627:0001:42"}))
+    assert metadata(xml) == intent(("0627:0001:42", {"id": "0627:0001:42"}, {"serial": "42", "port": "1-1", "address": "001:007"}))
     assert attach({"domain": name, "devices": ["0627:0001:42"]}, replugged)["changed"] is False
 
 

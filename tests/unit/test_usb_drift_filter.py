@@ -138,7 +138,9 @@ def test_ambiguous_and_malformed_selectors_and_unknown_domains_are_reported():
 def test_tree_nodes_carry_holders_and_flags():
     stick = device(STICK, "2-1", 2, 2, "KING0001", live=["vm1"], persistent=["vm1"])
     tree = [{"id": "1d6b:0003@usb2", "port": "usb2", "is_hub": True, "children": [{"id": STICK, "port": "2-1", "is_hub": False, "children": []}]}]
-    result = usb_drift({"usb_devices": [stick], "usb_domains": [], "usb_topology": tree}, {})
+    # The same host model as on the host: vm1 runs and holds the stick by its address.
+    holder = domain("vm1", state="running", hostdevs=[hostdev("46f4", "0001", 2, 2, devices=[STICK])])
+    result = usb_drift({"usb_devices": [stick], "usb_domains": [holder], "usb_topology": tree}, {})
     [root] = result["tree"]
     assert root["flags"] == [] and root["held_by"] == {"live": [], "persistent": []}
     assert root["children"][0]["held_by"] == {"live": ["vm1"], "persistent": ["vm1"]}
@@ -162,3 +164,23 @@ def test_intent_of_a_present_device_no_hostdev_holds_is_unattached_once():
     assert result["devices"][0]["intended_for"] == ["vm1"]
     assert result["summary"]["drift"] == ["vm1: declares %s, held by nobody" % TWIN_A]
     assert result["summary"]["stale"][0] == "vm1 (live): hostdev 0627:0001 at 001:004, where no such device is"
+
+
+def test_twin_with_the_same_serial_leaves_the_held_device_its_domain_and_flags_the_unstartable_domain():
+    # vm1 was given TWIN-A (recorded by serial id, at 1-3, 001:004) when it was unique; then a second mouse with the
+    # same serial arrived at 1-6, which turned both ids port-based, and the persistent hostdev by vendor:product now
+    # designates both: the domain would not start as it is.
+    held = device("0627:0001@1-3", "1-3", 1, 4, "TWIN-A")
+    newcomer = device("0627:0001@1-6", "1-6", 1, 8, "TWIN-A")
+    entry = {"id": TWIN_A, "selector": {"id": TWIN_A}, "serial": "TWIN-A", "port": "1-3", "address": "001:004"}
+    vm1 = {"name": "vm1", "state": "shutoff", "live": None, "persistent": {"hostdevs": [hostdev("0627", "0001")], "intent": [entry]}}
+    result = usb_drift(facts([held, newcomer], [vm1]), {"vm1": {"devices": [TWIN_A]}})
+    assert result["missing"] == []
+    assert [(item["id"], item["held_by"]["persistent"], item["intended_for"], item["declared_for"]) for item in result["devices"]] == [
+        ("0627:0001@1-3", ["vm1"], ["vm1"], ["vm1"]),
+        ("0627:0001@1-6", [], [], []),
+    ]
+    assert result["unclaimed"] == ["0627:0001@1-6"]
+    assert result["unstartable"] == [{"domain": "vm1", "reason": "hostdev 0627:0001 designates 2 devices (0627:0001@1-3, 0627:0001@1-6)"}]
+    assert result["summary"]["drift"] == ["vm1: could not start as it is: hostdev 0627:0001 designates 2 devices (0627:0001@1-3, 0627:0001@1-6)"]
+    assert result["drift"] is True
