@@ -29,7 +29,7 @@ from ansible_collections.kvmhost.usb.plugins.module_utils._host import LIVE, PER
 LOCK_PATH = "/run/lock/kvmhost-usb.lock"
 # Tests point this at their own file; operators have no reason to.
 LOCK_PATH_ENV = "KVMHOST_USB_LOCK"
-DOMAIN_SETTINGS = ("devices", "exclusive", "auto_start", "controller")
+DOMAIN_SETTINGS = ("devices", "exclusive", "auto_start", "steal", "controller")
 
 
 class PassthroughError(Exception):
@@ -84,7 +84,7 @@ def normalize_declaration(domains: dict) -> dict:
             selectors = [_usb.normalize_selector(item) for item in devices]
         except _usb.SelectorError as error:
             raise PassthroughError("Domain %s: %s" % (name, error))
-        declaration[str(name)] = {"devices": selectors, "exclusive": bool(settings.get("exclusive")), "auto_start": bool(settings.get("auto_start"))}
+        declaration[str(name)] = dict([(key, bool(settings.get(key))) for key in ("exclusive", "auto_start", "steal")], devices=selectors)
     return declaration
 
 
@@ -444,7 +444,7 @@ class Planner:
             owner = owners.get(key)
             if owner is None or owner is holder:
                 continue
-            if not declared and not steal:
+            if not declared and not (steal or wanted[owner][0].get("steal")):
                 raise PassthroughError(
                     "Device %s is held by domain %s (%s); one device goes to one VM. Detach it there first, or set steal: true to move it to %s."
                     % (device["id"] if device.get("absent") else _usb.describe_device(device), holder.name, ", ".join(scopes), owner.name)
