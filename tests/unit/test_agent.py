@@ -115,6 +115,18 @@ def test_unique_device_replugged_needs_nothing(domains):
     assert domains.inactive(name) == before
 
 
+def test_twin_with_the_same_serial_gets_the_vague_hostdev_pinned_to_the_held_device(domains):
+    # Given while unique, the tablet is held by vendor:product; a second tablet with serial 42 arrives at 1-2: the
+    # hostdev would designate both (the domain could not start), and the recorded id no longer resolves.
+    name = domains.define("agent-twin")
+    attach({"domain": name, "devices": ["0627:0001:42"]}, REFERENCE)
+    assert hostdevs(domains.inactive(name)) == [hostdev("0627", "0001")]
+    clash = REFERENCE + [hid("1-2", 3, serial="42")]
+    assert ours(agent_pass(clash), name) == ["re-bound 0627:0001:42 in %s (persistent, address 001:002)" % name]
+    assert hostdevs(domains.inactive(name)) == [hostdev("0627", "0001", 1, 2)]
+    assert ours(agent_pass(clash), name) == []
+
+
 def test_debounce_waits_for_a_quiet_moment():
     debouncer = Debouncer(quiet=0.5, longest=3.0)
     assert not debouncer.due(0.0)

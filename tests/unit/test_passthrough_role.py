@@ -104,6 +104,23 @@ def test_converge_makes_each_domain_hold_what_it_declares_then_changes_nothing(t
     assert shown(again, "kvmhost.usb.passthrough : Report what changed") == "Every declared domain holds its declared devices: nothing to change."
 
 
+def test_converge_swaps_two_domains_in_one_call_without_steal(tmp_path, domains):
+    first = domains.define("role-swap-a")
+    second = domains.define("role-swap-b")
+    assert attach({"domain": first, "devices": ["0951:1666"]}, TWINS)["rc"] == 0
+    assert attach({"domain": second, "devices": ["0627:0001:42"]}, TWINS)["rc"] == 0
+    declared = {first: {"devices": ["0627:0001:42"]}, second: {"devices": ["0951:1666"]}}
+    done = playbook(tmp_path, "converge", declared)
+    assert done.returncode == 0, done.stdout
+    assert hostdevs(domains.inactive(first)) == [hostdev("0627", "0001", 1, 2)]
+    assert hostdevs(domains.inactive(second)) == [hostdev("0951", "1666")]
+    # One module call for the host, whatever the number of domains.
+    assert done.stdout.count("TASK [kvmhost.usb.passthrough : Converge the declared USB devices of the host]") == 1
+    assert "usb_attach" not in done.stdout
+    again = playbook(tmp_path, "converge", declared)
+    assert (again.returncode, again.changed) == (0, 0), again.stdout
+
+
 def test_converge_rejects_a_misspelt_setting_before_changing_anything(tmp_path, domains, declared):
     first = sorted(declared)[0]
     declared[first]["exlusive"] = True
