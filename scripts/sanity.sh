@@ -18,8 +18,10 @@ pip_version=$(python -c 'import inspect, re, ansible_test._internal.python_requi
 mkdir -p ~/.ansible/test/cache
 cp scripts/get-pip-from-ensurepip.py ~/.ansible/test/cache/"get_pip_${pip_version//./_}.py"
 # Outside the checkout: inside it, ansible-test would ask this repository's git for the file list.
-# The copy is kept between runs so that ansible-test's virtual environments (tests/output) are reused.
-root=${KVMHOST_USB_SANITY_DIR:-/var/tmp/kvmhost-usb-sanity}/ansible_collections/kvmhost/usb
+# The copy is kept between runs so that ansible-test's virtual environments (tests/output) are reused;
+# one per checkout, so that two checkouts' runs never sync over each other.
+checkout=$(printf '%s' "$PWD" | md5sum | cut -c1-12)
+root=${KVMHOST_USB_SANITY_DIR:-/var/tmp/kvmhost-usb-sanity/$checkout}/ansible_collections/kvmhost/usb
 mkdir -p "$root"
 git ls-files -co --exclude-standard -z | rsync -a --delete --exclude=/tests/output --from0 --files-from=- ./ "$root"/
 cd "$root"

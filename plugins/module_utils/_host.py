@@ -445,9 +445,8 @@ class HostModel:
                 if domain and not _holds(item, name) and unattached not in report["unattached"]:
                     report["unattached"].append(unattached)
             if settings.get("exclusive") and domain:
-                report["undeclared"].extend(
-                    {"domain": name, "device": device_id} for device_id in next(item["holds"] for item in domains if item["name"] == name) if device_id not in chosen
-                )
+                holds = next(item["holds"] for item in domains if item["name"] == name)
+                report["undeclared"].extend({"domain": name, "device": device_id} for device_id in holds if device_id not in chosen)
 
         for item in entries.values():
             claimants = set(_holder_names(item)) | set(item["intended_for"]) | set(item["declared_for"])

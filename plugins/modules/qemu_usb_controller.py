@@ -176,9 +176,9 @@ readdressed:
       sample: "7"
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _controller, _libvirt, _passthrough
+from ansible_collections.kvmhost.usb.plugins.module_utils import _controller, _module
 
 
 def main():
@@ -194,9 +194,7 @@ def main():
         ),
         supports_check_mode=True,
     )
-    if _libvirt.libvirt is None:
-        module.fail_json(msg=missing_required_lib(_libvirt.LIBVIRT_REQUIREMENT), exception=_libvirt.LIBVIRT_IMPORT_ERROR)
-
+    _module.require_libraries(module, pyudev=False)
     params = module.params
     request = _controller.Request(
         model=_controller.canonical_model(params["model"]),
@@ -205,23 +203,7 @@ def main():
         restart=params["restart"],
         shutdown_timeout=params["shutdown_timeout"],
     )
-    try:
-        conn = _libvirt.connect(params["uri"])
-        try:
-            result = _controller.run(conn, params["domain"], request, module.check_mode)
-        finally:
-            conn.close()
-    except _controller.ControllerError as error:
-        module.fail_json(msg=str(error), changed=error.changed)
-    except (_libvirt.LibvirtError, _passthrough.PassthroughError) as error:
-        module.fail_json(msg=str(error))
-    except _libvirt.libvirt.libvirtError as error:
-        module.fail_json(msg="libvirt at %s: %s" % (params["uri"], _libvirt.error_message(error)))
-    for warning in result.pop("warnings"):
-        module.warn(warning)
-    if not module._diff:
-        del result["diff"]
-    module.exit_json(**result)
+    _module.run(module, lambda conn: _controller.run(conn, params["domain"], request, module.check_mode))
 
 
 if __name__ == "__main__":

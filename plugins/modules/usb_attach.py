@@ -163,9 +163,9 @@ actions:
     - "record the intent of testvm (live): 0951:1666:E0D55EA5741AF160B9740A81"
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _libvirt, _passthrough, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils import _module, _passthrough
 
 
 def main():
@@ -182,34 +182,22 @@ def main():
         ),
         supports_check_mode=True,
     )
-    if _usb.pyudev is None:
-        module.fail_json(msg=missing_required_lib(_usb.PYUDEV_REQUIREMENT), exception=_usb.PYUDEV_IMPORT_ERROR)
-    if _libvirt.libvirt is None:
-        module.fail_json(msg=missing_required_lib(_libvirt.LIBVIRT_REQUIREMENT), exception=_libvirt.LIBVIRT_IMPORT_ERROR)
-
+    _module.require_libraries(module)
     params = module.params
-    try:
+
+    def attach(conn):
         selectors = _passthrough.normalize_selectors(params["devices"], allow_empty=params["exclusive"])
-        conn = _libvirt.connect(params["uri"])
-        try:
-            result = _passthrough.Planner(conn, params["uri"], module.check_mode).attach(
-                params["domain"],
-                selectors,
-                persistent=params["persistent"],
-                auto_start=params["auto_start"],
-                steal=params["steal"],
-                allow_host_critical=params["allow_host_critical"],
-                exclusive=params["exclusive"],
-            )
-        finally:
-            conn.close()
-    except (_usb.SelectorError, _passthrough.PassthroughError, _libvirt.LibvirtError) as error:
-        module.fail_json(msg=str(error))
-    except _libvirt.libvirt.libvirtError as error:
-        module.fail_json(msg="libvirt at %s: %s" % (params["uri"], _libvirt.error_message(error)))
-    if not module._diff:
-        del result["diff"]
-    module.exit_json(**result)
+        return _passthrough.Planner(conn, params["uri"], module.check_mode).attach(
+            params["domain"],
+            selectors,
+            persistent=params["persistent"],
+            auto_start=params["auto_start"],
+            steal=params["steal"],
+            allow_host_critical=params["allow_host_critical"],
+            exclusive=params["exclusive"],
+        )
+
+    _module.run(module, attach)
 
 
 if __name__ == "__main__":

@@ -104,9 +104,9 @@ actions:
   elements: str
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _libvirt, _passthrough, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils import _module, _passthrough
 
 
 def main():
@@ -119,28 +119,14 @@ def main():
         ),
         supports_check_mode=True,
     )
-    if _usb.pyudev is None:
-        module.fail_json(msg=missing_required_lib(_usb.PYUDEV_REQUIREMENT), exception=_usb.PYUDEV_IMPORT_ERROR)
-    if _libvirt.libvirt is None:
-        module.fail_json(msg=missing_required_lib(_libvirt.LIBVIRT_REQUIREMENT), exception=_libvirt.LIBVIRT_IMPORT_ERROR)
-
+    _module.require_libraries(module)
     params = module.params
-    try:
+
+    def detach(conn):
         selectors = _passthrough.normalize_selectors(params["devices"])
-        conn = _libvirt.connect(params["uri"])
-        try:
-            result = _passthrough.Planner(conn, params["uri"], module.check_mode).detach(
-                params["domain"], selectors, auto_start=params["auto_start"]
-            )
-        finally:
-            conn.close()
-    except (_usb.SelectorError, _passthrough.PassthroughError, _libvirt.LibvirtError) as error:
-        module.fail_json(msg=str(error))
-    except _libvirt.libvirt.libvirtError as error:
-        module.fail_json(msg="libvirt at %s: %s" % (params["uri"], _libvirt.error_message(error)))
-    if not module._diff:
-        del result["diff"]
-    module.exit_json(**result)
+        return _passthrough.Planner(conn, params["uri"], module.check_mode).detach(params["domain"], selectors, auto_start=params["auto_start"])
+
+    _module.run(module, detach)
 
 
 if __name__ == "__main__":

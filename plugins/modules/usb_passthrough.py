@@ -10,15 +10,15 @@ short_description: Converge the declared USB passthrough of a whole KVM host in 
 version_added: 0.2.0
 description:
   - Makes the libvirt domains of the managed host hold the USB devices declared for them, all domains in one
-    pass: one enumeration of the devices, one host lock, one read of every domain, one plan.
+    pass (one enumeration of the devices, one host lock, one read of every domain, one plan).
   - Every device that leaves a domain is detached (live, then persistent) before any device arrives anywhere, so
     moves, swaps and rotations among the declared domains need no O(steal), and no device is ever in two guests.
   - A declaration that contradicts itself fails before anything changes, naming what is wrong; the same for a
     selector that is malformed or ambiguous, and for a declared domain the host does not have.
   - A device that another, undeclared domain holds is refused unless O(steal=true). With O(whole_host=true)
     the declaration is the host's whole truth.
-  - A declared device that is not plugged in but named by its full id (C(vvvv:pppp:SERIAL)) is not an error:
-    its intent is recorded and a warning says it is missing; the reattach agent attaches it when it appears.
+  - A declared device that is not plugged in but named by its full id (C(vvvv:pppp:SERIAL)) is not an error.
+    Its intent is recorded and a warning says it is missing; the reattach agent attaches it when it appears.
   - When libvirt refuses a step, the steps of the pass already made are undone across all domains, and the
     message says what was left as it was.
   - Which hostdev stands for which device, who holds what, and the drift are answered by one host model, the same
@@ -26,7 +26,7 @@ description:
     entries record the device's serial, port and bound address beside its id, so a twin with the same serial
     plugged in beside a held device never takes its place, and a persistent hostdev that stops designating
     exactly one device is pinned to its address again.
-  - Check mode is the probe, like Cloudpods' C(host-probe-isolated-devices): it changes nothing and returns
+  - Check mode is the probe, like Cloudpods' C(host-probe-isolated-devices). It changes nothing and returns
     RV(drift) and the RV(actions) a run would make.
 author:
   - kvmhost.usb contributors (!UNKNOWN)
@@ -169,9 +169,9 @@ drift:
       elements: dict
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _libvirt, _passthrough, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils import _module, _passthrough
 
 
 def main():
@@ -185,32 +185,14 @@ def main():
         ),
         supports_check_mode=True,
     )
-    if _usb.pyudev is None:
-        module.fail_json(msg=missing_required_lib(_usb.PYUDEV_REQUIREMENT), exception=_usb.PYUDEV_IMPORT_ERROR)
-    if _libvirt.libvirt is None:
-        module.fail_json(msg=missing_required_lib(_libvirt.LIBVIRT_REQUIREMENT), exception=_libvirt.LIBVIRT_IMPORT_ERROR)
-
+    _module.require_libraries(module)
     params = module.params
-    try:
-        conn = _libvirt.connect(params["uri"])
-        try:
-            result = _passthrough.Planner(conn, params["uri"], module.check_mode).converge(
-                params["domains"],
-                steal=params["steal"],
-                whole_host=params["whole_host"],
-                allow_host_critical=params["allow_host_critical"],
-            )
-        finally:
-            conn.close()
-    except (_usb.SelectorError, _passthrough.PassthroughError, _libvirt.LibvirtError) as error:
-        module.fail_json(msg=str(error), drift=getattr(error, "drift", None))
-    except _libvirt.libvirt.libvirtError as error:
-        module.fail_json(msg="libvirt at %s: %s" % (params["uri"], _libvirt.error_message(error)))
-    for warning in result.pop("warnings"):
-        module.warn(warning)
-    if not module._diff:
-        del result["diff"]
-    module.exit_json(**result)
+    _module.run(
+        module,
+        lambda conn: _passthrough.Planner(conn, params["uri"], module.check_mode).converge(
+            params["domains"], steal=params["steal"], whole_host=params["whole_host"], allow_host_critical=params["allow_host_critical"]
+        ),
+    )
 
 
 if __name__ == "__main__":
