@@ -152,6 +152,12 @@ class HostModel:
         self.devices = devices
         self.candidates = _usb.passthrough_candidates(devices)
         self.domains = domains
+        # Hostdevs designate devices by address or by vendor:product: both looked up, not searched.
+        self.by_address = {}
+        self.by_vendor_product = {}
+        for device in self.candidates:
+            self.by_address.setdefault((device["bus"], device["device"]), []).append(device)
+            self.by_vendor_product.setdefault(device["vendor_device_id"], []).append(device)
 
     @classmethod
     def read(cls, conn: Any, uri: str, context: Any = None) -> HostModel:
@@ -193,13 +199,16 @@ class HostModel:
 
     def designates(self, hostdev: dict) -> list[dict]:
         """The present devices a hostdev designates (by bus/device when pinned, else by vendor:product)."""
-        return [device for device in self.candidates if _libvirt.hostdev_matches(hostdev, device)]
+        if pinned(hostdev):
+            found = self.by_address.get((hostdev["bus"], hostdev["device"]), [])
+        else:
+            found = self.by_vendor_product.get(vendor_product(hostdev), [])
+        return [device for device in found if _libvirt.hostdev_matches(hostdev, device)]
 
     def find(self, entry: dict) -> dict | None:
         """The present device an intent entry means (see the module docstring), or None."""
-        wanted = entry["id"][0:9]
         serial = entry_serial(entry)
-        pool = [device for device in self.candidates if device["vendor_device_id"] == wanted and (serial is None or device["serial"] == serial)]
+        pool = [device for device in self.by_vendor_product.get(entry["id"][0:9], []) if serial is None or device["serial"] == serial]
         for key, value in (("id", entry["id"]), ("address", entry.get("address")), ("port", entry_port(entry))):
             if value:
                 found = [device for device in pool if device[key] == value]

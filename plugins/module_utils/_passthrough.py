@@ -266,6 +266,21 @@ class Planner:
                     rebound = True
             self._record(domain, config, device, selector, rebound)
 
+    def plan_repin(self, domain: Domain) -> None:
+        """Pin a persistent hostdev that designates several devices (a twin appeared beside a device held by
+        vendor:product) to the device the domain's intent means, so that the domain still starts with it."""
+        config = domain.configs.get(PERSISTENT)
+        if config is None:
+            return
+        for entry, device in self.model.intended(config):
+            if device is None:
+                continue
+            for hostdev in self.model.standing(config, device):
+                if len(self.model.designates(hostdev)) > 1:
+                    self._hostdev_step(domain, PERSISTENT, "detach", hostdev)
+                    self._hostdev_step(domain, PERSISTENT, "attach", self.wanted_hostdev(device, PERSISTENT))
+                    self._record(domain, config, device, entry["selector"], rebound=True)
+
     def plan_exclusive(self, domain: Domain, scopes: list[str], kept: list[dict]) -> None:
         """Take from the domain every USB device it holds other than ``kept``: the hostdevs that stand
         for none of them (stale ones and hand-written ones included) and the other intent entries."""
@@ -436,6 +451,8 @@ class Planner:
         if not declared and whole_host:
             self.plan_exclusive(holder, list(holder.configs), [])
             return
+        if not declared:
+            self.plan_repin(holder)
         claimed = {}
         for scope, config in holder.configs.items():
             for device in self.model.claimed(config):
