@@ -10,12 +10,15 @@ device) runs on the test host: tests/integration/test_agent_testhost.py.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 
+import yaml
+
 from tests.lib import usbtree
-from tests.lib.modrun import collection_root
+from tests.lib.modrun import REPO, collection_root
 from tests.unit import passthrough_support
 from tests.unit.passthrough_support import (
     KINGSTON_ID,
@@ -125,6 +128,25 @@ def test_twin_with_the_same_serial_gets_the_vague_hostdev_pinned_to_the_held_dev
     assert ours(agent_pass(clash), name) == ["re-bound 0627:0001:42 in %s (persistent, address 001:002)" % name]
     assert hostdevs(domains.inactive(name)) == [hostdev("0627", "0001", 1, 2)]
     assert ours(agent_pass(clash), name) == []
+
+
+def test_the_files_the_role_installs_are_all_the_agent_imports(tmp_path):
+    # The role copies a list of module_utils files to the host; the agent must start from those alone.
+    with open(os.path.join(REPO, "roles", "passthrough", "tasks", "agent.yml")) as handle:
+        tasks = yaml.safe_load(handle)
+    with open(os.path.join(REPO, "roles", "passthrough", "vars", "main.yml")) as handle:
+        packages = yaml.safe_load(handle)["usb_passthrough_agent_packages"]
+    [copy] = [task for task in tasks if task["name"] == "Copy the collection's module_utils the agent runs"]
+    for package in packages:
+        (tmp_path / package).mkdir(parents=True, exist_ok=True)
+        (tmp_path / package / "__init__.py").write_text("")
+    for name in copy["loop"]:
+        shutil.copy(os.path.join(REPO, "plugins", "module_utils", name), tmp_path / packages[-1] / name)
+    process = subprocess.run(
+        [sys.executable, "-I", "-c", "import sys; sys.path.insert(0, %r); import %s" % (str(tmp_path), AGENT)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert process.returncode == 0, process.stderr
 
 
 def test_debounce_waits_for_a_quiet_moment():
