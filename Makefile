@@ -9,7 +9,7 @@ COLLECTIONS := build/collections
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/$(COLLECTIONS)
 
-.PHONY: all setup libvirtd collection-link demo test unit sanity lint docs build testhost-image integration molecule benchmark clean
+.PHONY: all setup libvirtd libvirtd-stop collection-link demo test unit sanity lint docs build testhost-image integration molecule benchmark clean
 
 all: test
 
@@ -23,10 +23,15 @@ $(STAMPS)/venv: requirements-dev.txt $(STAMPS)/debian
 	$(PY) -m pip install -q -r requirements-dev.txt
 	@mkdir -p $(STAMPS) && touch $@
 
-setup: $(STAMPS)/venv libvirtd collection-link
+setup: $(STAMPS)/venv collection-link
 
-libvirtd: $(STAMPS)/debian
-	scripts/start-libvirtd.sh
+# The unit tests and benchmarks start and stop a libvirtd of their own (socket and state in
+# build/libvirt, the machine's libvirtd left alone); these start and stop it by hand, to look around.
+libvirtd: $(STAMPS)/venv
+	$(PY) -m tests.lib.libvirtd start
+
+libvirtd-stop: $(STAMPS)/venv
+	$(PY) -m tests.lib.libvirtd stop
 
 collection-link:
 	@mkdir -p $(COLLECTIONS)/ansible_collections/kvmhost
@@ -67,4 +72,5 @@ demo: setup
 test: setup unit sanity lint docs integration molecule
 
 clean:
+	scripts/stop-libvirtd.sh
 	rm -rf build

@@ -16,9 +16,9 @@ round, interleaved, and the medians and ratios printed. Aim: our no-op re-run at
 than the loop's.
 
 This machine has no USB: the 20 devices are a umockdev tree (both playbooks run under
-``umockdev-run``), the guests are defined, stopped, diskless domains of the local libvirtd
-(qemu:///system), and every change is to their persistent configuration. Hot attach is not
-measured. Speed is reported, never asserted: the exit status says whether the runs did what
+``umockdev-run``), the guests are defined, stopped, diskless domains of a libvirtd of the
+benchmark's own (tests/lib/libvirtd.py, as in the unit tests), and every change is to their
+persistent configuration. Hot attach is not measured. Speed is reported, never asserted: the exit status says whether the runs did what
 they should (every guest holds its two devices, the re-runs changed nothing).
 
 Usage: .venv/bin/python benchmarks/attach_ten_guests.py [--rounds 3] [--guests 10]
@@ -41,10 +41,10 @@ sys.path.insert(0, REPO)
 
 import libvirt  # noqa: E402
 
-from tests.lib import usbtree  # noqa: E402
+from tests.lib import libvirtd, usbtree  # noqa: E402
+from tests.lib.domains import URI  # noqa: E402
 from tests.lib.modrun import collection_root  # noqa: E402
 
-URI = "qemu:///system"
 AIM_NOOP = 5.0
 PREFIX = "kvmhost-usb-bench-"
 DOMAIN_XML = """<domain type='qemu'>
@@ -64,6 +64,7 @@ OURS = """- name: Pass two USB devices to each guest
       kvmhost.usb.usb_attach:
         domain: "{{ item.domain }}"
         devices: "{{ item.devices }}"
+        uri: "{{ uri }}"
       loop: "{{ guests }}"
 """
 
@@ -73,7 +74,7 @@ LOOP = """- name: Pass two USB devices to each guest, the way it is done today
   gather_facts: false
   tasks:
     - name: One virsh attach-device per device
-      ansible.builtin.command: virsh -c qemu:///system attach-device {{ item.domain }} {{ item.file }} --config
+      ansible.builtin.command: virsh -c {{ uri | quote }} attach-device {{ item.domain }} {{ item.file }} --config
       loop: "{{ attachments }}"
       register: attached
       changed_when: attached.rc == 0
@@ -131,7 +132,7 @@ def plan(guests, workdir):
                     "<address bus='%d' device='%d'/></source></hostdev>\n" % (vendor, product, bus, number + 1)
                 )
             attachments.append({"domain": domain, "file": path})
-    return {"guests": ours, "attachments": attachments}
+    return {"guests": ours, "attachments": attachments, "uri": URI}
 
 
 def quiet(ctx, error):
@@ -243,7 +244,7 @@ def main():
     median = dict((name, statistics.median(values)) for name, values in times.items())
     print()
     print(
-        "%d guests x 2 devices, %d rounds, medians (local libvirtd, persistent config of stopped guests, USB from umockdev):"
+        "%d guests x 2 devices, %d rounds, medians (own libvirtd, persistent config of stopped guests, USB from umockdev):"
         % (options.guests, options.rounds)
     )
     for name in ("ours", "loop", "ours no-op", "loop no-op", "floor"):
@@ -270,4 +271,6 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with libvirtd.running():
+        STATUS = main()
+    sys.exit(STATUS)

@@ -1,12 +1,16 @@
-"""Diskless TCG domains on the local libvirtd for tests, removed again afterwards."""
+"""Diskless TCG domains on the test run's own libvirtd, removed again afterwards."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import libvirt
 
-URI = "qemu:///system"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The libvirtd of this checkout's test runs (tests/lib/libvirtd.py starts it), never the machine's own.
+LIBVIRT_DIR = os.path.join(REPO, "build", "libvirt")
+URI = "qemu+unix:///system?socket=%s" % os.path.join(LIBVIRT_DIR, "run", "libvirt-sock")
 
 DOMAIN_XML = """<domain type='qemu'>
   <name>{name}</name>

@@ -10,6 +10,7 @@ import sys
 import tempfile
 
 from . import usbtree
+from .domains import URI
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COLLECTIONS = os.path.join(REPO, "build", "collections")
@@ -28,9 +29,10 @@ def run_module(name, args, devices=None, check_mode=False, diff=False, python=(s
     """The module's JSON result. ``devices`` is a usbtree description; None means no USB at all.
 
     ``python`` is the interpreter command; ``python_path`` entries go before the collection root.
+    The module talks to the run's own libvirtd unless ``args`` names another ``uri``.
     """
     with tempfile.TemporaryDirectory(prefix="kvmhost-usb-") as tmp:
-        module_args = dict(args)
+        module_args = dict({"uri": URI}, **args)
         module_args["_ansible_check_mode"] = check_mode
         module_args["_ansible_diff"] = diff
         args_file = os.path.join(tmp, "args.json")

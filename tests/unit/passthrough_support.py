@@ -1,4 +1,4 @@
-"""What the usb_attach and usb_detach tests share: diskless domains on the local libvirtd,
+"""What the usb_attach and usb_detach tests share: diskless domains on the run's own libvirtd,
 their XML, and the modules run under umockdev with a described USB tree."""
 
 from __future__ import annotations

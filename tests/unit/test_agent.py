@@ -1,4 +1,4 @@
-"""The reattach agent's pass (plugins/module_utils/_agent.py) against the real local libvirtd, with
+"""The reattach agent's pass (plugins/module_utils/_agent.py) against the run's own real libvirtd, with
 USB trees described to umockdev, and its debounce with a fake clock.
 
 This machine has no USB, so a pass is shown on persistent configurations of defined domains: the
@@ -18,6 +18,7 @@ import tempfile
 import yaml
 
 from tests.lib import usbtree
+from tests.lib.domains import URI
 from tests.lib.modrun import REPO, collection_root
 from tests.unit import passthrough_support
 from tests.unit.passthrough_support import (
@@ -48,7 +49,7 @@ def agent_pass(devices, *options):
         tree = os.path.join(tmp, "tree.umockdev")
         with open(tree, "w") as handle:
             handle.write(usbtree.render(devices))
-        command = ["umockdev-run", "-d", tree, "--", sys.executable, "-m", AGENT, "--once"] + list(options)
+        command = ["umockdev-run", "-d", tree, "--", sys.executable, "-m", AGENT, "--once", "--uri", URI] + list(options)
         env = dict(os.environ, PYTHONPATH=collection_root())
         process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
     assert process.returncode == 0, process.stderr

@@ -1,5 +1,5 @@
 """playbooks/converge.yml (the kvmhost.usb.passthrough role), probe.yml and report.yml against this machine
-(connection local): the local libvirtd with diskless stopped domains, and a USB tree described to umockdev
+(connection local): the test run's own libvirtd with diskless stopped domains, and a USB tree described to umockdev
 (ansible-playbook runs under umockdev-run, so the modules it starts see that tree).
 
 Live attach and real devices are on the test host: tests/integration/test_roles_testhost.py.
@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.lib import usbtree
+from tests.lib.domains import URI
 from tests.lib.modrun import REPO, collection_root
 from tests.unit.passthrough_support import (
     KINGSTON_ID,
@@ -43,6 +44,7 @@ def playbook(tmp_path, name, declared, *options, devices=TWINS):
         "ansible_python_interpreter": sys.executable,
         "usb_passthrough": declared,
         "usb_passthrough_agent": False,
+        "usb_passthrough_uri": URI,
     }
     inventory.write_text(yaml.safe_dump({"all": {"hosts": {"kvm1": hostvars}}}))
     command = ["umockdev-run", "-d", str(tree), "--", os.path.join(os.path.dirname(sys.executable), "ansible-playbook")]
@@ -139,7 +141,7 @@ def test_probe_and_report_show_the_drift_and_change_nothing(tmp_path, domains, d
     assert (probe.returncode, probe.changed) == (0, 0), probe.stdout
     summary = shown(probe, "Show the probe")
     assert summary["missing"] == ["kvmhost-usb-test-ghost: vendor_id=abcd, product_id=0001 (declared in the inventory), not plugged in"]
-    # The local libvirtd may hold other tests' domains: look at ours.
+    # Other tests of this run may have left domains behind: look at ours.
     assert sorted(line for line in summary["drift"] if line.split(" ")[0].rstrip(":") in declared) == sorted(
         [
             "%s: declares %s, held by nobody" % (first, KINGSTON_ID),

@@ -1,4 +1,4 @@
-"""qemu_usb_controller against the local libvirtd, with diskless TCG domains named kvmhost-usb-test-ctl-*."""
+"""qemu_usb_controller against the test run's own libvirtd, with diskless TCG domains named kvmhost-usb-test-ctl-*."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 import libvirt
 import pytest
 
-from tests.lib.domains import undefine
+from tests.lib.domains import URI, undefine
 from tests.lib.modrun import collection_root, run_module
 from tests.unit.trees import REFERENCE, hid
 
@@ -18,7 +18,6 @@ from tests.unit.trees import REFERENCE, hid
 sys.path.insert(0, collection_root())
 from ansible_collections.kvmhost.usb.plugins.module_utils import _controller  # noqa: E402
 
-URI = "qemu:///system"
 PREFIX = "kvmhost-usb-test-ctl-"
 SECURE_INACTIVE = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
 
@@ -110,7 +109,7 @@ def domains():
 
 @pytest.fixture(scope="module")
 def can_start():
-    """The local libvirtd starts a diskless TCG domain (make test starts it so that it can)."""
+    """The run's libvirtd starts a diskless TCG domain (tests/unit/conftest.py starts it so that it can)."""
     created = Domains()
     try:
         name = created.define("start-probe")

@@ -12,6 +12,7 @@ import threading
 import libvirt
 import pytest
 
+from tests.lib.domains import URI
 from tests.unit.passthrough_support import (
     KINGSTON_ID,
     NAMESPACE,
@@ -360,7 +361,7 @@ def test_unknown_domain(domains):
     domains.define("known")
     failed(
         attach({"domain": "kvmhost-usb-test-nowhere", "devices": ["0951:1666"]}),
-        "Unknown domain 'kvmhost-usb-test-nowhere' at qemu:///system",
+        "Unknown domain 'kvmhost-usb-test-nowhere' at %s" % URI,
         "kvmhost-usb-test-known",
     )
 
