@@ -1,13 +1,17 @@
 """Build the test-host image: Debian 12 with kernel, udev, libvirt and QEMU, made by mmdebstrap.
 
-The image is cached under ``build/testhost/images/<hash>/`` where the hash covers the whole
-recipe (this file's RECIPE and the customize hook), so a re-run reuses it and a changed
-recipe builds a new one. A build writes into a temporary directory and renames it into
-place only when complete, so an interrupted build never leaves a half image behind.
+The image is cached machine-wide, for every clone, under ``/var/cache/kvmhost-usb/testhost/images/<hash>/``
+(``$KVMHOST_TESTHOST_CACHE`` to move it) where the hash covers the whole recipe (this file's RECIPE and the
+customize hook), so a re-run or another clone reuses it and a changed recipe builds a new one. A build
+writes into a temporary directory and renames it into place only when complete, so an interrupted build
+never leaves a half image behind. Builds take turns (one lock for all), and a run that wants the image
+being built waits for it (a lock per hash: shared to use, exclusive to build or remove). An image no run
+has used for a few days is removed after the next build.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import hashlib
@@ -19,12 +23,14 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .paths import BUILD_DIR, HERE, log
+from .paths import CACHE_DIR, HERE, log
 
 HOOK = os.path.join(HERE, "image-hook.sh")
-IMAGES_DIR = os.path.join(BUILD_DIR, "images")
-# The run's own packages cache: a rebuild after a recipe change downloads nothing again.
-DEBS_DIR = os.path.join(BUILD_DIR, "debs")
+IMAGES_DIR = os.path.join(CACHE_DIR, "images")
+# The packages cache: a rebuild after a recipe change downloads nothing again.
+DEBS_DIR = os.path.join(CACHE_DIR, "debs")
+# Other clones may still be on an older recipe: its image stays while one of them used it lately.
+UNUSED_DAYS = 3
 
 RECIPE = {
     "suite": "bookworm",
@@ -85,18 +91,40 @@ def cached_image() -> Image | None:
 
 def build_image(force: bool = False) -> Image:
     """The cached image for the current recipe, built first if needed (root only; ~1.5 min)."""
-    image = cached_image()
-    if image and not force:
-        log("image %s is cached" % image.directory)
-        return image
     os.makedirs(IMAGES_DIR, exist_ok=True)
-    # One build at a time; whoever waited finds the image built.
-    with open(os.path.join(IMAGES_DIR, ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        image = cached_image()
-        if image and not force:
+    if not force:
+        with _locked(recipe_hash(), fcntl.LOCK_SH, "another run building it"):
+            image = _use(cached_image())
+        if image:
+            log("image %s is cached" % image.directory)
             return image
-        return _build()
+    with _locked("build", fcntl.LOCK_EX, "another run's image build"), _locked(recipe_hash(), fcntl.LOCK_EX, "runs using it"):
+        image = None if force else _use(cached_image())
+        if image:
+            log("image %s was built meanwhile" % image.directory)
+            return image
+        image = _use(_build())
+        _prune_unused_images(keep=image.directory)
+    return image
+
+
+@contextlib.contextmanager
+def _locked(name: str, operation: int, holder: str):
+    with open(os.path.join(IMAGES_DIR, name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log("waiting for %s (%s)" % (holder, lock.name))
+            fcntl.flock(lock, operation)
+        yield
+
+
+def _use(image: Image | None) -> Image | None:
+    """The image, marked as used now (it is kept while runs use it)."""
+    if image:
+        with open(os.path.join(image.directory, "used"), "w"):
+            pass
+    return image
 
 
 def _build() -> Image:
@@ -117,7 +145,6 @@ def _build() -> Image:
     _remove_build_dir(rootdir)
     shutil.rmtree(target, ignore_errors=True)
     os.rename(work, target)
-    _prune_old_images(keep=target)
     log("image built in %.0f s: %s" % (time.monotonic() - started, target))
     return Image(target)
 
@@ -167,8 +194,26 @@ def _export_boot_files(rootdir: str, work: str) -> None:
                 out.write(handle.read())
 
 
-def _prune_old_images(keep: str) -> None:
+def _prune_unused_images(keep: str) -> None:
+    """Remove the images of other recipes that no run has used for UNUSED_DAYS, unless one uses it now,
+    and what interrupted builds left (no build runs meanwhile)."""
     for path in glob.glob(os.path.join(IMAGES_DIR, "*")):
-        if path != keep and os.path.isdir(path) and not path.endswith(".building"):
-            log("removing the outdated image %s" % path)
-            shutil.rmtree(path, ignore_errors=True)
+        if path.endswith(".building"):
+            _remove_build_dir(path)
+            continue
+        if path == keep or not os.path.isdir(path):
+            continue
+        lock_path = path + ".lock"
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            try:
+                used = os.stat(os.path.join(path, "used")).st_mtime
+            except FileNotFoundError:
+                used = os.stat(path).st_mtime
+            if time.time() - used > UNUSED_DAYS * 86400:
+                log("removing the image %s, unused for %d days" % (path, (time.time() - used) // 86400))
+                shutil.rmtree(path, ignore_errors=True)
+                os.unlink(lock_path)
