@@ -16,7 +16,7 @@ usb_passthrough/usb_attach/usb_detach, the drift report and the reattach agent):
 It is built from a live host (``read``) or from the facts usb_facts returned (``from_facts``), so the
 report on the controller gives the same answers as the modules on the host.
 
-Which device an intent entry means: the entry records the device id and, since 0.2.0, the serial, the
+Which device an intent entry means: the entry records the device id and the serial, the
 port and the bus/device address the device had when it was bound. A newcomer with the same
 vendor:product and serial turns both ids port-based; a twin leaving turns a port-based id
 serial-based. Among the present devices of the entry's vendor:product (and its serial, when known),

@@ -13,9 +13,9 @@ In the domain XML it reads::
       </kvmhost-usb:passthrough>
     </metadata>
 
-Each entry is the resolved device id and the normalised selector the operator gave and, since 0.2.0, the
-device's serial, port and the bus/device address it was bound at: what finds the device again after the
-id rule changed its id (see ``_host``). Entries written by 0.1.0 lack them and are completed on the next run.
+Each entry is the resolved device id and the normalised selector the operator gave, and the device's serial,
+port and the bus/device address it was bound at: what finds the device again after the id rule changed its id
+(see ``_host``). Entries written before these were recorded lack them and are completed on the next run.
 """
 
 from __future__ import annotations

@@ -213,7 +213,7 @@ ansible_facts:
                   configuration, by its bus/device address); C(missing) when the device is not plugged in (or cannot be told
                   apart from a twin); C(stale) when it is plugged in and no hostdev designates it, as after a replug that the
                   reattach agent has not caught up with.
-                - Entries written since 0.2.0 also carry the C(serial), C(port) and bus/device C(address) the device had when
+                - Entries also carry the C(serial), C(port) and bus/device C(address) the device had when
                   it was bound, which find the device again after the id rule changed its id (a twin with the same serial
                   plugged in beside it turns both ids port-based). The entry keeps the id it was recorded with.
               type: list

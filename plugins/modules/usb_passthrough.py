@@ -7,7 +7,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: usb_passthrough
 short_description: Converge the declared USB passthrough of a whole KVM host in one call
-version_added: 0.2.0
+version_added: 0.1.0
 description:
   - Makes the libvirt domains of the managed host hold the USB devices declared for them, all domains in one
     pass (one enumeration of the devices, one host lock, one read of every domain, one plan).
