@@ -13,7 +13,8 @@ usb_passthrough/usb_attach/usb_detach, the drift report and the reattach agent):
 * the status of each intent entry, which hostdevs are stale, which domains could not start as they
   are, and how the host differs from a declared state (``drift``).
 
-It is built from a live host (``read``) or from the facts usb_facts returned (``from_facts``), so the
+It is built from a live host (``load_domains`` and ``_usb.enumerate_devices``) or from the facts usb_facts
+returned (``from_facts``), so the
 report on the controller gives the same answers as the modules on the host.
 
 Which device an intent entry means: the entry records the device id and the serial, the
@@ -160,12 +161,6 @@ class HostModel:
             self.by_vendor_product.setdefault(device["vendor_device_id"], []).append(device)
 
     @classmethod
-    def read(cls, conn: Any, uri: str, context: Any = None) -> HostModel:
-        """Enumerate the devices, then read every domain: the one read of the host a run makes."""
-        devices = _usb.enumerate_devices(context)
-        return cls(devices, load_domains(conn, uri))
-
-    @classmethod
     def from_facts(cls, facts: dict) -> HostModel:
         """The model of a host from the ansible_facts usb_facts returned."""
         devices = [dict(device, is_root_hub=False) for device in facts.get("usb_devices") or [] if not device.get("is_hub")]
@@ -218,12 +213,6 @@ class HostModel:
 
     def intended(self, config: Config) -> list[tuple[dict, dict | None]]:
         return [(entry, self.find(entry)) for entry in config.intent]
-
-    def means(self, config: Config, entry_or_device_id: str) -> dict | None:
-        for entry in config.intent:
-            if entry["id"] == entry_or_device_id:
-                return self.find(entry)
-        return None
 
     def stands_for(self, hostdev: dict, device: dict, config: Config) -> bool:
         """Whether a hostdev of a configuration stands for a device.
