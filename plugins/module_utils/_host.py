@@ -13,9 +13,8 @@ usb_passthrough/usb_attach/usb_detach, the drift report and the reattach agent):
 * the status of each intent entry, which hostdevs are stale, which domains could not start as they
   are, and how the host differs from a declared state (``drift``).
 
-It is built from a live host (``load_domains`` and ``_usb.enumerate_devices``) or from the facts usb_facts
-returned (``from_facts``), so the
-report on the controller gives the same answers as the modules on the host.
+It is built from a live host (``_usb.enumerate_devices`` and ``load_domains``) or from the facts usb_facts
+returned (``from_facts``), so the report on the controller gives the same answers as the modules on the host.
 
 Which device an intent entry means: the entry records the device id and the serial, the
 port and the bus/device address the device had when it was bound. A newcomer with the same
