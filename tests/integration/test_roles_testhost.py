@@ -13,17 +13,13 @@ import os
 import re
 import subprocess
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-import yaml
 
 from tests.testhost import TestHost
-from tests.testhost.ansible import environment, run_module, tool, usb_facts
+from tests.testhost.ansible import play, run_module, shown, usb_facts
 from tests.testhost.paths import REPO
 
-PLAYBOOKS = os.path.join(REPO, "playbooks")
-RECAP = re.compile(r"^testhost\s+: ok=\d+\s+changed=(?P<changed>\d+)\s+unreachable=\d+\s+failed=(?P<failed>\d+)", re.M)
 CHROMIUM = [
     "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
@@ -51,28 +47,6 @@ HOST_CONF = (
     "note: \u00e9t\u00e9 \r\n"
     "last_key: 42\n"
 )
-
-
-def play(host: TestHost, playbook: str, tmp_path, hostvars: dict[str, Any] | None = None, *options: str) -> subprocess.CompletedProcess:
-    """ansible-playbook on the test host's inventory, with ``hostvars`` added to the host (a declared inventory)."""
-    with open(host.inventory) as handle:
-        inventory = yaml.safe_load(handle)
-    inventory["all"]["hosts"]["testhost"].update(hostvars or {})
-    path = tmp_path / "inventory.yml"
-    path.write_text(yaml.safe_dump(inventory))
-    command = [tool("ansible-playbook"), "-i", str(path), os.path.join(PLAYBOOKS, playbook)] + list(options)
-    process = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=1800, check=False)
-    recap = RECAP.search(process.stdout)
-    assert recap, process.stdout + process.stderr
-    process.changed = int(recap.group("changed"))  # type: ignore[attr-defined]
-    process.failed = int(recap.group("failed"))  # type: ignore[attr-defined]
-    return process
-
-
-def shown(process: subprocess.CompletedProcess, task: str) -> Any:
-    """The msg a debug task printed, parsed."""
-    block = process.stdout.split("TASK [%s]" % task, 1)[1]
-    return yaml.safe_load(block.split("=> ", 1)[1].split("\n\n", 1)[0])["msg"]
 
 
 def remote_bytes(host: TestHost, path: str) -> bytes:

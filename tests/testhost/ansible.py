@@ -14,13 +14,17 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
 from .paths import REPO
 
 if TYPE_CHECKING:
     from .host import TestHost
 
 COLLECTIONS = os.path.join(REPO, "build", "collections")
+PLAYBOOKS = os.path.join(REPO, "playbooks")
 RESULT_LINE = re.compile(r"^testhost \| (?P<status>[A-Z!]+)(?: \| rc=-?\d+)? => ", re.MULTILINE)
+RECAP = re.compile(r"^testhost\s+: ok=\d+\s+changed=(?P<changed>\d+)\s+unreachable=\d+\s+failed=(?P<failed>\d+)", re.M)
 
 
 class AnsibleError(RuntimeError):
@@ -85,6 +89,32 @@ def run_playbook(host: TestHost, playbook: str, extra_vars: dict[str, Any] | Non
     if check:
         command.append("--check")
     return subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=1800, check=False)
+
+
+def play(host: TestHost, playbook: str, directory: str | os.PathLike, hostvars: dict[str, Any] | None = None, *options: str) -> subprocess.CompletedProcess:
+    """One of the collection's playbooks (``converge.yml``) on a declared inventory: the test host's inventory
+    with ``hostvars`` added to the host, written to ``directory``. The CompletedProcess (text) with ``changed``
+    and ``failed``, the test host's counts in the recap; raises AnsibleError when there is no recap."""
+    with open(host.inventory) as handle:
+        inventory = yaml.safe_load(handle)
+    inventory["all"]["hosts"]["testhost"].update(hostvars or {})
+    path = os.path.join(directory, "inventory.yml")
+    with open(path, "w") as handle:
+        yaml.safe_dump(inventory, handle)
+    command = [tool("ansible-playbook"), "-i", path, os.path.join(PLAYBOOKS, playbook)] + list(options)
+    process = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=1800, check=False)
+    recap = RECAP.search(process.stdout)
+    if not recap:
+        raise AnsibleError("playbooks/%s printed no recap (rc %d):\n%s\n%s" % (playbook, process.returncode, process.stdout, process.stderr))
+    process.changed = int(recap.group("changed"))  # type: ignore[attr-defined]
+    process.failed = int(recap.group("failed"))  # type: ignore[attr-defined]
+    return process
+
+
+def shown(process: subprocess.CompletedProcess, task: str) -> Any:
+    """The msg a debug task of a playbook run printed, parsed."""
+    block = process.stdout.split("TASK [%s]" % task, 1)[1]
+    return yaml.safe_load(block.split("=> ", 1)[1].split("\n\n", 1)[0])["msg"]
 
 
 def usb_facts(host: TestHost, include_hubs: bool = True) -> list[dict[str, Any]]:
