@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -62,6 +64,13 @@ def remove(host: TestHost, name: str) -> None:
     virsh(host, "undefine", name, check=False)
 
 
+def hostdev_sources(host: TestHost, name: str, inactive: bool = False) -> list[str]:
+    """The <source> of each USB hostdev in the guest's live (or persistent) XML, whitespace removed: what names the host device."""
+    xml = virsh(host, "dumpxml", name, *(["--inactive"] if inactive else [])).stdout
+    sources = re.findall(r"<hostdev mode='subsystem' type='usb'.*?(<source.*?</source>)", xml, re.S)
+    return [re.sub(r">\s+<", "><", source) for source in sources]
+
+
 def parse_info_usb(text: str) -> list[dict[str, Any]]:
     """The devices of ``info usb``: bus, address, port, speed (Mb/s), product and QEMU id (libvirt's alias)."""
     devices = []
@@ -86,10 +95,97 @@ def usb(host: TestHost, name: str) -> list[dict[str, Any]]:
     so after a replug an idle guest still lists the device: compare ``host`` with
     ``TestHost.kernel_usb_devices()`` to see whether it is bound to the device now present.
     """
+    return _devices(json.loads(host.ssh("python3", "-", name, input=_script()).stdout))
+
+
+def _script() -> str:
     with open(GUEST_USB_SCRIPT) as handle:
-        script = handle.read()
-    seen = json.loads(host.ssh("python3", "-", name, input=script).stdout)
+        return handle.read()
+
+
+def _devices(seen: dict[str, Any]) -> list[dict[str, Any]]:
     devices = parse_info_usb(seen["info_usb"])
     for device in devices:
         device["host"] = seen["host_devices"].get(device["id"])
     return devices
+
+
+def host_path(device: dict[str, Any]) -> str | None:
+    """The test host's ``/dev/bus/usb/BBB/DDD`` a guest's passed-through device is bound to (None for an emulated one)."""
+    host = device.get("host")
+    if not host:
+        return None
+    if host.get("hostdevice"):
+        return host["hostdevice"]
+    return "/dev/bus/usb/%03d/%03d" % (int(host["hostbus"]), int(host["hostaddr"]))
+
+
+class UsbSampler:
+    """Watch running guests' USB buses while something else happens: one process on the test host asks each
+    guest's QEMU monitor in turn, round after round, as ``usb`` does; a thread here collects the answers.
+
+        with UsbSampler(host, ["g1", "g2"]) as sampler:
+            ...                                   # converge, replug
+        sampler.samples                           # [(guest, [devices as usb() gives them]), ...] in the order asked
+
+    Each answer is taken between two libvirt jobs on that guest. The guests are asked one after
+    the other, never at the same instant: see the swap test for what two adjacent samples prove.
+    """
+
+    def __init__(self, host: TestHost, names: list[str], period: float = 0.2) -> None:
+        self.host = host
+        self.names = names
+        self.period = period
+        self.samples: list[tuple[str, list[dict[str, Any]]]] = []
+        self.errors: list[str] = []
+        self._process: subprocess.Popen | None = None
+        self._thread: threading.Thread | None = None
+        self._changed = threading.Condition()
+        self._ended = False
+
+    def __enter__(self) -> UsbSampler:
+        # The script goes on the command line: its standard input stays open until __exit__ closes it.
+        command = self.host.ssh_command(["python3", "-c", _script(), "--every", str(self.period)] + self.names)
+        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._thread = threading.Thread(target=self._collect, daemon=True)
+        self._thread.start()
+        try:
+            # Every guest answered once: what comes next is sampled from its start.
+            self.wait_for(len(self.names))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._process.stdin.close()
+        try:
+            self._process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._process.terminate()
+            self._process.wait(timeout=30)
+        self._thread.join(timeout=30)
+
+    def _collect(self) -> None:
+        for line in self._process.stdout:
+            with self._changed:
+                self.samples.append(self._sample(line))
+                self._changed.notify_all()
+        with self._changed:
+            self.errors.append(self._process.stderr.read())
+            self._ended = True
+            self._changed.notify_all()
+
+    @staticmethod
+    def _sample(line: str) -> tuple[str, list[dict[str, Any]]]:
+        seen = json.loads(line)
+        return seen["domain"], _devices(seen)
+
+    def wait_for(self, count: int, timeout: float = 120.0) -> None:
+        """Wait until ``count`` more samples than now have been collected (each guest once: ``len(names)``)."""
+        with self._changed:
+            target = len(self.samples) + count
+            if not self._changed.wait_for(lambda: len(self.samples) >= target or self._ended, timeout):
+                raise TimeoutError("no %d USB samples of %s within %.0f s" % (count, ", ".join(self.names), timeout))
+            if len(self.samples) < target:
+                raise RuntimeError("the USB sampler on the test host ended: %s" % "".join(self.errors).strip())
