@@ -11,12 +11,19 @@ import sys
 import time
 from typing import Any, Callable
 
+import yaml
+
+from tests.integration.agent_support import journal, kernel_address, wait_in_guest
+
 from . import image
-from .ansible import run_module, run_playbook
+from .ansible import play, run_module, run_playbook, shown
+from .guest import host_path
 from .host import TestHost, TestHostError
 from .paths import BUILD_DIR, REPO
 
-DEMO_GUEST = "demo-vm"
+GUESTS = ("demo-a", "demo-b")
+STICK = "46f4:0001:KING0001"
+MOUSE = "0627:0001:TWIN-A"
 COLUMNS = ("ID", "Dev_type", "Model", "Addr", "Vendor_device_id", "Host", "Guest")
 
 
@@ -26,6 +33,9 @@ class Demo:
     def __init__(self) -> None:
         self.host = TestHost("demo")
         self.devices: list[dict[str, Any]] = []
+        # The declared inventory: the test host's with usb_passthrough added, in a directory of the run.
+        self.declared: dict[str, Any] = {}
+        self.inventory_dir = os.path.join(self.host.run_dir, "declared")
 
 
 def build_image(demo: Demo) -> None:
@@ -36,6 +46,7 @@ def build_image(demo: Demo) -> None:
 def boot_test_host(demo: Demo) -> None:
     """Boot the test host under QEMU with its USB devices: a stick, a tablet, two identical mice, a hub."""
     demo.host.start()
+    os.makedirs(demo.inventory_dir, exist_ok=True)
     print("  test host up: ssh on 127.0.0.1:%s, Ansible inventory %s" % (demo.host.ssh_port, demo.host.inventory))
 
 
@@ -54,33 +65,63 @@ def list_usb_devices(demo: Demo) -> None:
     print(render_table([device_row(device, "testhost") for device in demo.devices]))
 
 
-def pass_stick_to_guest(demo: Demo) -> None:
-    """Pass the stick to a guest with kvmhost.usb.usb_attach, show what the guest sees, take it back with usb_detach."""
-    stick = {"serial": demo.host.topology.device("stick").serial}
-    demo.host.remove_guest(DEMO_GUEST)
-    demo.host.create_guest(DEMO_GUEST)
-    try:
-        module(demo, "kvmhost.usb.usb_attach", {"domain": DEMO_GUEST, "devices": [stick]})
-        print("  the guest's QEMU (info usb) after usb_attach:")
-        for device in demo.host.guest_usb(DEMO_GUEST):
-            print("    bus %(bus)s port %(port)s speed %(speed)s: %(product)s" % device)
-        module(demo, "kvmhost.usb.usb_detach", {"devices": [stick]})
-        print("  after usb_detach the guest sees %d USB device(s)" % len(demo.host.guest_usb(DEMO_GUEST)))
-    finally:
-        demo.host.remove_guest(DEMO_GUEST)
+def converge_two_guests(demo: Demo) -> None:
+    """Declare two running guests in an inventory (demo-a: the stick, demo-b: a mouse), converge them with playbooks/converge.yml."""
+    for name in GUESTS:
+        demo.host.remove_guest(name)
+        demo.host.create_guest(name)
+    converge(demo, {"demo-a": [STICK], "demo-b": [MOUSE]})
+    show_guests(demo, "info usb of each guest")
 
 
-def module(demo: Demo, name: str, args: dict[str, Any]) -> None:
-    result = run_module(demo.host, name, args)
-    if result["failed"]:
-        raise TestHostError("%s failed: %s" % (name, result.get("msg")))
-    print("  %s: %s" % (name, result["status"]))
+def swap_and_converge(demo: Demo) -> None:
+    """Swap the declaration and converge again: each guest gets the other's device, without steal, never one device in both."""
+    show_guests(demo, "before")
+    converge(demo, {"demo-a": [MOUSE], "demo-b": [STICK]})
+    show_guests(demo, "after")
+
+
+def replug_with_agent(demo: Demo) -> None:
+    """Replug the stick (QMP on the outer QEMU): the reattach agent that converge.yml installed gives it back to demo-b."""
+    old = kernel_address(demo.host, "KING0001")
+    lines = len(journal(demo.host))
+    demo.host.replug("stick")
+    demo.host.wait_usb(lambda devices: any(d["serial"] == "KING0001" and (int(d["busnum"]), int(d["devnum"])) != old for d in devices))
+    print("  the stick was at %03d:%03d, is at %03d:%03d after the replug" % (old + kernel_address(demo.host, "KING0001")))
+    wait_in_guest(demo.host, "demo-b", "KING0001")
+    for line in journal(demo.host)[lines:]:
+        print("  agent: " + line)
+    show_guests(demo, "after the replug")
+
+
+def converge(demo: Demo, declaration: dict[str, list[str]]) -> None:
+    demo.declared = {"usb_passthrough": {name: {"devices": devices} for name, devices in declaration.items()}}
+    print("  inventory: " + yaml.safe_dump(demo.declared, default_flow_style=None).strip().replace("\n", "\n  "))
+    process = play(demo.host, "converge.yml", demo.inventory_dir, demo.declared)
+    if process.returncode != 0:
+        raise TestHostError("playbooks/converge.yml failed:\n%s" % process.stdout[-3000:])
+    # The role's report: {domain: [actions]}, or a sentence when nothing changed.
+    changes = shown(process, "kvmhost.usb.passthrough : Report what changed")
+    for name, actions in sorted(changes.items() if isinstance(changes, dict) else []):
+        for action in actions:
+            print("  %s: %s" % (name, action))
+    print("  converge.yml: changed=%d failed=%d" % (process.changed, process.failed))
+
+
+def show_guests(demo: Demo, title: str) -> None:
+    print("  %s:" % title)
+    for name in GUESTS:
+        for device in demo.host.guest_usb(name):
+            print("    %s: bus %s port %s speed %s: %s, host device %s" % (
+                name, device["bus"], device["port"], device["speed"], device["product"], host_path(device)))
 
 
 def write_report(demo: Demo) -> None:
-    """Write the fleet's USB report with playbooks/report.yml: one self-contained HTML page."""
+    """Write the fleet's USB report with playbooks/report.yml from the declared inventory: one self-contained HTML page."""
     path = os.path.join(BUILD_DIR, "usb-report.html")
-    playbook(demo, "report.yml", {"usb_report_path": path})
+    process = play(demo.host, "report.yml", demo.inventory_dir, demo.declared, "-e", "usb_report_path=%s" % path)
+    if process.returncode != 0:
+        raise TestHostError("playbooks/report.yml failed:\n%s" % process.stdout[-3000:])
     print("  USB report: %s (file://%s)" % (path, path))
 
 
@@ -92,7 +133,9 @@ def playbook(demo: Demo, name: str, extra_vars: dict[str, Any]) -> None:
     print("  " + recap.splitlines()[-1].strip())
 
 
-STEPS: list[Callable[[Demo], None]] = [build_image, boot_test_host, enable_host, list_usb_devices, pass_stick_to_guest, write_report]
+STEPS: list[Callable[[Demo], None]] = [
+    build_image, boot_test_host, enable_host, list_usb_devices, converge_two_guests, swap_and_converge, replug_with_agent, write_report,
+]
 
 
 def device_row(device: dict[str, Any], host: str) -> list[str]:
@@ -122,7 +165,7 @@ def main() -> int:
             step_started = time.monotonic()
             step(demo)
             print("   (%.0f s)" % (time.monotonic() - step_started), flush=True)
-    except (TestHostError, KeyboardInterrupt) as error:
+    except (TestHostError, AssertionError, TimeoutError, KeyboardInterrupt) as error:
         print("demo failed: %s" % (error or "interrupted"), file=sys.stderr)
         return 1
     finally:
