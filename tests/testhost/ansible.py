@@ -111,10 +111,15 @@ def play(host: TestHost, playbook: str, directory: str | os.PathLike, hostvars: 
     return process
 
 
+def task_result(process: subprocess.CompletedProcess, task: str) -> dict[str, Any]:
+    """The result a task of a playbook run printed (JSON), parsed: a debug task's, or any task's with ``-v``."""
+    block = process.stdout.split("TASK [%s]" % task, 1)[1]
+    return json.loads(block.split("=> ", 1)[1].split("\n\n", 1)[0])
+
+
 def shown(process: subprocess.CompletedProcess, task: str) -> Any:
     """The msg a debug task of a playbook run printed, parsed."""
-    block = process.stdout.split("TASK [%s]" % task, 1)[1]
-    return yaml.safe_load(block.split("=> ", 1)[1].split("\n\n", 1)[0])["msg"]
+    return task_result(process, task)["msg"]
 
 
 def usb_facts(host: TestHost, include_hubs: bool = True) -> list[dict[str, Any]]:

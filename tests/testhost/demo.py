@@ -7,6 +7,7 @@ write a step and add it to STEPS.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from typing import Any, Callable
@@ -16,7 +17,7 @@ import yaml
 from tests.integration.agent_support import journal, kernel_address, wait_in_guest
 
 from . import image
-from .ansible import play, run_module, run_playbook, shown
+from .ansible import play, run_module, run_playbook, task_result
 from .guest import host_path
 from .host import TestHost, TestHostError
 from .paths import BUILD_DIR, REPO
@@ -24,6 +25,7 @@ from .paths import BUILD_DIR, REPO
 GUESTS = ("demo-a", "demo-b")
 STICK = "46f4:0001:KING0001"
 MOUSE = "0627:0001:TWIN-A"
+HOSTDEV = re.compile(r"<hostdev .*?</hostdev>")
 COLUMNS = ("ID", "Dev_type", "Model", "Addr", "Vendor_device_id", "Host", "Guest")
 
 
@@ -75,7 +77,7 @@ def converge_two_guests(demo: Demo) -> None:
 
 
 def swap_and_converge(demo: Demo) -> None:
-    """Swap the declaration and converge again: each guest gets the other's device, without steal, never one device in both."""
+    """Swap the declaration and converge again: each guest gets the other's device, no steal needed, every detach before any attach."""
     show_guests(demo, "before")
     converge(demo, {"demo-a": [MOUSE], "demo-b": [STICK]})
     show_guests(demo, "after")
@@ -97,15 +99,22 @@ def replug_with_agent(demo: Demo) -> None:
 def converge(demo: Demo, declaration: dict[str, list[str]]) -> None:
     demo.declared = {"usb_passthrough": {name: {"devices": devices} for name, devices in declaration.items()}}
     print("  inventory: " + yaml.safe_dump(demo.declared, default_flow_style=None).strip().replace("\n", "\n  "))
-    process = play(demo.host, "converge.yml", demo.inventory_dir, demo.declared)
+    # -v: the module's result, whose actions are in the order they ran, across the domains.
+    process = play(demo.host, "converge.yml", demo.inventory_dir, demo.declared, "-v")
     if process.returncode != 0:
         raise TestHostError("playbooks/converge.yml failed:\n%s" % process.stdout[-3000:])
-    # The role's report: {domain: [actions]}, or a sentence when nothing changed.
-    changes = shown(process, "kvmhost.usb.passthrough : Report what changed")
-    for name, actions in sorted(changes.items() if isinstance(changes, dict) else []):
-        for action in actions:
-            print("  %s: %s" % (name, action))
+    result = task_result(process, "kvmhost.usb.passthrough : Converge the declared USB devices of the host")
+    for action in result["actions"]:
+        print("  " + HOSTDEV.sub(hostdev_summary, action))
     print("  converge.yml: changed=%d failed=%d" % (process.changed, process.failed))
+
+
+def hostdev_summary(match: re.Match) -> str:
+    """A hostdev's XML in an action, shortened to what it names: vendor:product and the address it is pinned to."""
+    hostdev = match.group(0)
+    vendor, product = (re.search(r'<%s id="0x(\w+)"' % tag, hostdev).group(1) for tag in ("vendor", "product"))
+    address = re.search(r'<address bus="(\d+)" device="(\d+)"', hostdev)
+    return "hostdev %s:%s%s" % (vendor, product, " at %03d:%03d" % tuple(map(int, address.groups())) if address else "")
 
 
 def show_guests(demo: Demo, title: str) -> None:
