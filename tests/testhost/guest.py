@@ -181,7 +181,7 @@ class UsbSampler:
         seen = json.loads(line)
         return seen["domain"], _devices(seen)
 
-    def wait_for(self, count: int, timeout: float = 120.0) -> None:
+    def wait_for(self, count: int, timeout: float = 300.0) -> None:
         """Wait until ``count`` more samples than now have been collected (each guest once: ``len(names)``)."""
         with self._changed:
             target = len(self.samples) + count
