@@ -96,12 +96,11 @@ def test_swap_between_two_running_guests_declared_in_the_inventory(testhost: Tes
     assert bound(testhost.guest_usb(g2), names) == [STICK]
 
     samples = [(guest, bound(devices, names)) for guest, devices in sampler.samples]
-    assert min(len([guest for guest, _ in samples if guest == name]) for name in pair) >= 5, samples
+    over_time = {name: [held for guest, held in samples if guest == name] for name in pair}
+    assert min(len(seen) for seen in over_time.values()) >= 5, samples
     # The sampler saw the whole run: the declaration before, the swapped one after.
-    assert [held for guest, held in samples if guest == g1][0] == [STICK]
-    assert [held for guest, held in samples if guest == g2][0] == [TWIN_A]
-    assert [held for guest, held in samples if guest == g1][-1] == [TWIN_A]
-    assert [held for guest, held in samples if guest == g2][-1] == [STICK]
+    assert (over_time[g1][0], over_time[g2][0]) == ([STICK], [TWIN_A])
+    assert (over_time[g1][-1], over_time[g2][-1]) == ([TWIN_A], [STICK])
     assert seen_in_both(samples, {STICK: (g1, g2), TWIN_A: (g2, g1)}) == [], samples
 
     held = {device["id"]: device["attached_to"] for device in usb_facts(testhost, include_hubs=False)}
