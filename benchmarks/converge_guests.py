@@ -18,13 +18,15 @@ slope, the ratio of the largest to the smallest size), the load average during e
 the aims of issue 10: no-op re-run at least 5x faster than the virsh loop at 10 guests and 20x
 at 100, first converge at least 3x at 10.
 
-This machine has no USB: the devices are a umockdev tree of hubs and 200 leaves (tests/lib/bigtree.py),
-each with a serial of its own and of a vendor:product that no unit test's domain names, so unit
-tests running at the same time on the shared libvirtd cannot hold them. Every playbook runs under
-``umockdev-run``. The guests are defined, stopped, diskless domains of the local libvirtd
-(qemu:///system) named kvmhost-usb-bench-NNN; every change is to their persistent configuration
-(hot attach is not measured); they are removed at the end. The modules take a lock file of their
-own (KVMHOST_USB_LOCK), so unit tests holding the host lock do not stall them. Speed is reported,
+This machine has no USB: the devices are a umockdev tree of hubs and 200 leaves
+(tests/lib/bigtree.py), each with a serial of its own and of a vendor:product that no unit test's
+domain names, so unit tests running at the same time on the shared libvirtd cannot hold them.
+The script runs itself again under ``umockdev-run`` with that tree, so the testbed is set up once
+(several seconds for 200 devices, no part of any figure) and every playbook run sees it. The
+guests are defined, stopped, diskless domains of the local libvirtd (qemu:///system) named
+kvmhost-usb-bench-NNN; every change is to their persistent configuration (hot attach is not
+measured); they are removed at the end. The modules take a lock file of their own
+(KVMHOST_USB_LOCK), so unit tests holding the host lock do not stall them. Speed is reported,
 never asserted: the exit status says whether the runs did what they should (every guest holds
 exactly its two devices, the re-runs changed nothing).
 
@@ -38,6 +40,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,8 +53,9 @@ sys.path.insert(0, REPO)
 
 import libvirt  # noqa: E402
 
+from plugins.module_utils import _usb  # noqa: E402
 from tests.lib import bigtree, domains, usbtree  # noqa: E402
-from tests.lib.modrun import collection_root, run_module  # noqa: E402
+from tests.lib.modrun import collection_root  # noqa: E402
 
 PREFIX = "kvmhost-usb-bench-"
 DEVICES_PER_GUEST = 2
@@ -140,15 +144,15 @@ def guest_name(number):
     return "%s%03d" % (PREFIX, number)
 
 
-def plan(guests, facts, workdir):
+def plan(guests, candidates, workdir):
     """The variables of the playbooks for the first ``guests`` guests: each guest's two devices by
-    the id usb_facts gives them (for the modules) and by vendor, product and address (for virsh)."""
+    the id usb_facts reports (for the modules) and by vendor, product and address (for virsh)."""
     declaration = {}
     attachments = []
     expected = {}
     for number in range(1, guests + 1):
         name = guest_name(number)
-        pair = facts[(number - 1) * DEVICES_PER_GUEST:number * DEVICES_PER_GUEST]
+        pair = candidates[(number - 1) * DEVICES_PER_GUEST:number * DEVICES_PER_GUEST]
         declaration[name] = {"devices": [device["id"] for device in pair]}
         expected[name] = sorted((device["bus"], device["device"]) for device in pair)
         for device in pair:
@@ -192,7 +196,7 @@ def holdings(conn, expected):
     return wrong
 
 
-def run_playbook(playbook, variables, tree, lock):
+def run_playbook(playbook, variables, lock):
     env = dict(
         os.environ,
         ANSIBLE_COLLECTIONS_PATH=collection_root(),
@@ -203,7 +207,6 @@ def run_playbook(playbook, variables, tree, lock):
         KVMHOST_USB_LOCK=lock,
     )
     command = [
-        "umockdev-run", "-d", tree, "--",
         os.path.join(os.path.dirname(sys.executable), "ansible-playbook"),
         "-i", "localhost,", playbook,
         "-e", "@" + variables,
@@ -230,14 +233,14 @@ def measure(conn, guests, methods, options, files):
     for method in methods:
         for _run in range(options.first_runs):
             fresh_guests(conn, guests)
-            seconds, changed = run_playbook(files[method], variables, files["tree"], files["lock"])
+            seconds, changed = run_playbook(files[method], variables, files["lock"])
             wrong = holdings(conn, expected)
             ok = changed == 1 and not wrong
             sound = sound and ok
             times.setdefault((method, "first"), []).append(seconds)
             print("%3d guests  %-11s first  %7.2f s  changed %d%s" % (guests, method, seconds, changed, report(ok, wrong)), flush=True)
         for _run in range(options.noop_runs):
-            seconds, changed = run_playbook(files[method], variables, files["tree"], files["lock"])
+            seconds, changed = run_playbook(files[method], variables, files["lock"])
             wrong = holdings(conn, expected)
             ok = changed == 0 and not wrong
             sound = sound and ok
@@ -245,7 +248,7 @@ def measure(conn, guests, methods, options, files):
             print("%3d guests  %-11s no-op  %7.2f s  changed %d%s" % (guests, method, seconds, changed, report(ok, wrong)), flush=True)
     for floor in ("floor 1", "floor N"):
         for _run in range(options.floor_runs):
-            seconds, _changed = run_playbook(files[floor], variables, files["tree"], files["lock"])
+            seconds, _changed = run_playbook(files[floor], variables, files["lock"])
             times.setdefault((floor, "floor"), []).append(seconds)
             print("%3d guests  %-11s        %7.2f s" % (guests, floor, seconds), flush=True)
     return times, sound
@@ -335,35 +338,22 @@ def summarize(medians, sizes, methods, loads, options):
         )
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--guests", default="10,50,100", help="numbers of guests, comma-separated")
-    parser.add_argument("--first-runs", type=int, default=1)
-    parser.add_argument("--noop-runs", type=int, default=3)
-    parser.add_argument("--floor-runs", type=int, default=1)
-    parser.add_argument("--methods", default=",".join(METHODS), help="some of %s" % ", ".join(METHODS))
-    parser.add_argument("--json", help="also write the times to this file")
-    options = parser.parse_args()
-    sizes = sorted(int(guests) for guests in options.guests.split(","))
-    methods = [method for method in METHODS if method in options.methods.split(",")]
-
+def inner(options, sizes, methods):
+    """Under umockdev-run, set up once for every playbook run (its cost is no part of any figure)."""
     libvirt.registerErrorHandler(quiet, None)
     conn = libvirt.open(domains.URI)
     print("%s, start: %s" % (time.strftime("%Y-%m-%d %H:%M:%S"), load()), flush=True)
     all_times = {}
     loads = {}
     sound = True
+    devices = _usb.enumerate_devices()
+    candidates = _usb.passthrough_candidates(devices)
+    if len(candidates) < sizes[-1] * DEVICES_PER_GUEST or len(set(device["id"] for device in candidates)) != len(candidates):
+        raise SystemExit("the umockdev tree has %d devices to pass through, not %d with ids of their own" % (len(candidates), sizes[-1] * DEVICES_PER_GUEST))
     with tempfile.TemporaryDirectory(prefix="kvmhost-usb-bench-") as workdir:
-        devices = host_devices(sizes[-1] * DEVICES_PER_GUEST)
-        tree = os.path.join(workdir, "tree.umockdev")
-        with open(tree, "w") as handle:
-            handle.write(usbtree.render(devices))
-        facts = run_module("usb_facts", {}, devices=devices)
-        if facts.get("failed") or facts["rc"]:
-            raise SystemExit("usb_facts failed on the benchmark tree: %s" % facts.get("msg"))
-        files = {"tree": tree, "lock": os.path.join(workdir, "kvmhost-usb.lock"), "plans": {}}
+        files = {"lock": os.path.join(workdir, "kvmhost-usb.lock"), "plans": {}}
         for guests in sizes:
-            variables, expected = plan(guests, facts["ansible_facts"]["usb_devices"], workdir)
+            variables, expected = plan(guests, candidates, workdir)
             files["plans"][guests] = (os.path.join(workdir, "vars-%d.json" % guests), expected)
             with open(files["plans"][guests][0], "w") as handle:
                 json.dump(variables, handle)
@@ -371,7 +361,11 @@ def main():
             files[name] = os.path.join(workdir, name.replace(" ", "-") + ".yml")
             with open(files[name], "w") as handle:
                 handle.write(playbook)
-        print("%d USB devices (hubs included) in the tree, %d passed through at most" % (len(devices), sizes[-1] * DEVICES_PER_GUEST), flush=True)
+        print(
+            "%d USB devices in the umockdev tree (%d of them hubs and root hubs), %d passed through at most"
+            % (len(devices), len(devices) - len(candidates), sizes[-1] * DEVICES_PER_GUEST),
+            flush=True,
+        )
         try:
             for guests in sizes:
                 before = os.getloadavg()[0]
@@ -395,6 +389,36 @@ def main():
                 indent=1,
             )
     return 0 if sound else 1
+
+
+def outer(sizes):
+    """Write the tree and run this script again under umockdev-run with it."""
+    if shutil.which("umockdev-run") is None:
+        print("umockdev-run is not installed (Debian: umockdev); cannot benchmark", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="kvmhost-usb-bench-") as workdir:
+        tree = os.path.join(workdir, "tree.umockdev")
+        with open(tree, "w") as handle:
+            handle.write(usbtree.render(host_devices(sizes[-1] * DEVICES_PER_GUEST)))
+        command = ["umockdev-run", "-d", tree, "--", sys.executable, os.path.abspath(__file__), "--inner"] + sys.argv[1:]
+        return subprocess.run(command, check=False).returncode
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--guests", default="10,50,100", help="numbers of guests, comma-separated")
+    parser.add_argument("--first-runs", type=int, default=1)
+    parser.add_argument("--noop-runs", type=int, default=3)
+    parser.add_argument("--floor-runs", type=int, default=1)
+    parser.add_argument("--methods", default=",".join(METHODS), help="some of %s" % ", ".join(METHODS))
+    parser.add_argument("--json", help="also write the times to this file")
+    parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    sizes = sorted(int(guests) for guests in options.guests.split(","))
+    methods = [method for method in METHODS if method in options.methods.split(",")]
+    if options.json:
+        options.json = os.path.abspath(options.json)
+    return inner(options, sizes, methods) if options.inner else outer(sizes)
 
 
 if __name__ == "__main__":
