@@ -28,7 +28,9 @@ kvmhost-usb-bench-NNN; every change is to their persistent configuration (hot at
 measured); they are removed at the end. The modules take a lock file of their own
 (KVMHOST_USB_LOCK), so unit tests holding the host lock do not stall them. Speed is reported,
 never asserted: the exit status says whether the runs did what they should (every guest holds
-exactly its two devices, the re-runs changed nothing).
+exactly its two devices, the re-runs changed nothing). A ``whole_host: true`` converge run on the
+same libvirtd meanwhile (a unit test of it) takes the devices of these guests too, and the run
+says UNSOUND.
 
 Usage: .venv/bin/python benchmarks/converge_guests.py [--guests 10,50,100] [--first-runs 1]
        [--noop-runs 3] [--floor-runs 1] [--methods passthrough,attach,virsh] [--json FILE]
@@ -59,6 +61,8 @@ from tests.lib.modrun import collection_root  # noqa: E402
 
 PREFIX = "kvmhost-usb-bench-"
 DEVICES_PER_GUEST = 2
+# The host has as many devices whatever the number of guests, so that the sizes compare.
+TREE_LEAVES = 200
 # Kinds of bigtree leaves whose every device has a serial of its own, none of whose vendor ids a
 # unit test's domain names (a hostdev with an address designates any device of its vendor there).
 KINDS = ("ftdi", "arduino", "ups", "t7", "sandisk")
@@ -303,6 +307,16 @@ def summarize(medians, sizes, methods, loads, options):
         ],
         "%.2fx",
     )
+    if "virsh" in methods:
+        table(
+            "The most any module run in one task could reach against the virsh loop (virsh / Ansible floor, one task):",
+            sizes,
+            [
+                ("virsh / floor 1, %s" % phase, dict((g, ratio(medians.get((g, "virsh", phase)), medians.get((g, "floor 1", "floor")))) for g in sizes))
+                for phase in ("first", "no-op")
+            ],
+            "%.2fx",
+        )
     table(
         "Seconds per guest:",
         sizes,
@@ -399,7 +413,7 @@ def outer(sizes):
     with tempfile.TemporaryDirectory(prefix="kvmhost-usb-bench-") as workdir:
         tree = os.path.join(workdir, "tree.umockdev")
         with open(tree, "w") as handle:
-            handle.write(usbtree.render(host_devices(sizes[-1] * DEVICES_PER_GUEST)))
+            handle.write(usbtree.render(host_devices(max(TREE_LEAVES, sizes[-1] * DEVICES_PER_GUEST))))
         command = ["umockdev-run", "-d", tree, "--", sys.executable, os.path.abspath(__file__), "--inner"] + sys.argv[1:]
         return subprocess.run(command, check=False).returncode
 
