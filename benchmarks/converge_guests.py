@@ -19,18 +19,14 @@ the aims of issue 10: no-op re-run at least 5x faster than the virsh loop at 10 
 at 100, first converge at least 3x at 10.
 
 This machine has no USB: the devices are a umockdev tree of hubs and 200 leaves
-(tests/lib/bigtree.py), each with a serial of its own and of a vendor:product that no unit test's
-domain names, so unit tests running at the same time on the shared libvirtd cannot hold them.
-The script runs itself again under ``umockdev-run`` with that tree, so the testbed is set up once
-(several seconds for 200 devices, no part of any figure) and every playbook run sees it. The
-guests are defined, stopped, diskless domains of the local libvirtd (qemu:///system) named
-kvmhost-usb-bench-NNN; every change is to their persistent configuration (hot attach is not
-measured); they are removed at the end. The modules take a lock file of their own
-(KVMHOST_USB_LOCK), so unit tests holding the host lock do not stall them. Speed is reported,
-never asserted: the exit status says whether the runs did what they should (every guest holds
-exactly its two devices, the re-runs changed nothing). A ``whole_host: true`` converge run on the
-same libvirtd meanwhile (a unit test of it) takes the devices of these guests too, and the run
-says UNSOUND.
+(tests/lib/bigtree.py), each with a serial of its own. The script runs itself again under
+``umockdev-run`` with that tree, so the testbed is set up once (several seconds for 200 devices,
+no part of any figure) and every playbook run sees it. The guests are defined, stopped, diskless
+domains of a libvirtd of the benchmark's own (tests/lib/libvirtd.py, as in the unit tests); every
+change is to their persistent configuration (hot attach is not measured). The modules take a lock
+file of their own (KVMHOST_USB_LOCK), so other checkouts' tests holding the host lock do not stall
+them. Speed is reported, never asserted: the exit status says whether the runs did what they
+should (every guest holds exactly its two devices, the re-runs changed nothing).
 
 Usage: .venv/bin/python benchmarks/converge_guests.py [--guests 10,50,100] [--first-runs 1]
        [--noop-runs 3] [--floor-runs 1] [--methods passthrough,attach,virsh] [--json FILE]
@@ -56,16 +52,15 @@ sys.path.insert(0, REPO)
 import libvirt  # noqa: E402
 
 from plugins.module_utils import _usb  # noqa: E402
-from tests.lib import bigtree, domains, usbtree  # noqa: E402
+from tests.lib import bigtree, domains, libvirtd, usbtree  # noqa: E402
 from tests.lib.modrun import collection_root  # noqa: E402
 
 PREFIX = "kvmhost-usb-bench-"
 DEVICES_PER_GUEST = 2
 # The host has as many devices whatever the number of guests, so that the sizes compare.
 TREE_LEAVES = 200
-# Kinds of bigtree leaves whose every device has a serial of its own, none of whose vendor ids a
-# unit test's domain names (a hostdev with an address designates any device of its vendor there).
-KINDS = ("ftdi", "arduino", "ups", "t7", "sandisk")
+# The kinds of bigtree leaves whose every device has a serial of its own.
+KINDS = ("kingston", "ftdi", "arduino", "webcam", "ups", "dongle", "t7", "kingston3", "sandisk")
 METHODS = ("passthrough", "attach", "virsh")
 LABELS = {
     "passthrough": "(a) usb_passthrough, one task",
@@ -85,6 +80,7 @@ PLAYBOOKS = {
   tasks:
     - name: One usb_passthrough for the whole host
       kvmhost.usb.usb_passthrough:
+        uri: "{{ uri }}"
         domains: "{{ declaration }}"
 """,
     "attach": """- name: The declared USB state, one usb_attach per guest
@@ -94,6 +90,7 @@ PLAYBOOKS = {
   tasks:
     - name: One usb_attach per guest
       kvmhost.usb.usb_attach:
+        uri: "{{ uri }}"
         domain: "{{ item.key }}"
         devices: "{{ item.value.devices }}"
       loop: "{{ declaration | dict2items }}"
@@ -104,7 +101,7 @@ PLAYBOOKS = {
   gather_facts: false
   tasks:
     - name: One virsh attach-device per device
-      ansible.builtin.command: virsh -c qemu:///system attach-device {{ item.domain }} {{ item.file }} --config
+      ansible.builtin.command: virsh -c {{ uri | quote }} attach-device {{ item.domain }} {{ item.file }} --config
       loop: "{{ attachments }}"
       register: attached
       changed_when: attached.rc == 0
@@ -167,7 +164,7 @@ def plan(guests, candidates, workdir):
                     "<address bus='%d' device='%d'/></source></hostdev>\n" % (device["vendor_id"], device["product_id"], device["bus"], device["device"])
                 )
             attachments.append({"domain": name, "file": path})
-    return {"declaration": declaration, "attachments": attachments}, expected
+    return {"declaration": declaration, "attachments": attachments, "uri": domains.URI}, expected
 
 
 def quiet(ctx, error):
@@ -290,7 +287,7 @@ def summarize(medians, sizes, methods, loads, options):
 
     table(
         "Seconds (first converge on fresh guests: %d run(s), median; no-op re-run: median of %d; floors: %d run(s)); "
-        "local libvirtd, persistent config of stopped diskless guests, 2 USB devices per guest from umockdev:"
+        "own libvirtd, persistent config of stopped diskless guests, 2 USB devices per guest from umockdev:"
         % (options.first_runs, options.noop_runs, options.floor_runs),
         sizes,
         [(label(method, phase), values(method, phase)) for method, phase in runs],
@@ -406,7 +403,7 @@ def inner(options, sizes, methods):
 
 
 def outer(sizes):
-    """Write the tree and run this script again under umockdev-run with it."""
+    """Start the benchmark's libvirtd (outside the testbed), write the tree and run this script again under umockdev-run with it."""
     if shutil.which("umockdev-run") is None:
         print("umockdev-run is not installed (Debian: umockdev); cannot benchmark", file=sys.stderr)
         return 2
@@ -415,7 +412,8 @@ def outer(sizes):
         with open(tree, "w") as handle:
             handle.write(usbtree.render(host_devices(max(TREE_LEAVES, sizes[-1] * DEVICES_PER_GUEST))))
         command = ["umockdev-run", "-d", tree, "--", sys.executable, os.path.abspath(__file__), "--inner"] + sys.argv[1:]
-        return subprocess.run(command, check=False).returncode
+        with libvirtd.running():
+            return subprocess.run(command, check=False).returncode
 
 
 def main():
