@@ -64,7 +64,7 @@ molecule: setup testhost-image
 
 benchmark: setup
 	$(PY) benchmarks/usb_facts_enumeration.py
-	$(PY) benchmarks/attach_ten_guests.py
+	$(PY) benchmarks/converge_guests.py
 
 demo: setup
 	$(PY) -m tests.testhost.demo

@@ -10,6 +10,8 @@ some interfaces have no driver bound, some devices carry no strings at all.
 
 The description is deterministic: same input, same tree. Fields are those of usbtree.
 Four tiers of hubs hold up to about 260 devices; beyond that fleet_host raises ValueError.
+``fleet_host(count, kinds=(...))`` places only the named kinds of leaves (the catalogue names
+below, such as "ftdi" or "t7"), for example only kinds whose every device has a serial of its own.
 """
 
 from __future__ import annotations
@@ -169,8 +171,13 @@ def _device(port, devnum, template, number):
     return device
 
 
-def fleet_host(count=200):
-    """``count`` USB devices (root hubs and hubs included) spread over four buses."""
+def fleet_host(count=200, kinds=None):
+    """``count`` USB devices (root hubs and hubs included) spread over four buses; leaves of ``kinds`` only, if given."""
+    catalogues = {False: _USB2_LEAVES, True: _USB3_LEAVES}
+    if kinds is not None:
+        catalogues = dict((usb3, [entry for entry in catalogue if entry[0] in kinds]) for usb3, catalogue in catalogues.items())
+        if not all(catalogues.values()):
+            raise ValueError("kinds %s leave the USB 2 or the USB 3 buses without leaves" % (sorted(kinds),))
     buses = [(1, False, 12), (2, True, 8), (3, False, 12), (4, True, 8)]
     devices = []
     free = {}
@@ -200,7 +207,7 @@ def fleet_host(count=200):
             template = _HUBS[kind]
             free[bus].extend("%s.%d" % (port, number) for number in range(1, template["ports"] + 1))
         else:
-            catalogue = _USB3_LEAVES if usb3 else _USB2_LEAVES
+            catalogue = catalogues[usb3]
             template = catalogue[leaves[usb3] % len(catalogue)][1]
             leaves[usb3] += 1
         # devnum: the bus's next address, as the kernel hands them out (root hub is 1).
