@@ -1,6 +1,6 @@
-"""A unix-socket relay in front of the local libvirtd: a client that connects through it sees libvirtd go
-away (``stop`` closes every relayed connection and the listening socket) and come back (``start``),
-while the machine's libvirtd, shared with everyone else, keeps running untouched."""
+"""A unix-socket relay in front of the test run's libvirtd: a client that connects through it sees libvirtd go
+away (``stop`` closes every relayed connection and the listening socket) and come back (``start``), while
+libvirtd itself, with the run's domains, keeps running."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import selectors
 import socket
 import threading
 
-LIBVIRT_SOCKET = "/run/libvirt/libvirt-sock"
+from tests.lib.domains import LIBVIRT_DIR
+
+LIBVIRT_SOCKET = os.path.join(LIBVIRT_DIR, "run", "libvirt-sock")
 
 
 class SocketProxy:

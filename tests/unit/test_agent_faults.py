@@ -1,5 +1,5 @@
 """The reattach agent against faults it can be shown locally: libvirt going away and coming back (a relay in
-front of the local libvirtd is stopped and started, the machine's libvirtd itself is left alone), and the
+front of the run's libvirtd is stopped and started, libvirtd itself keeps running), and the
 states a pass killed half-way leaves behind, each made by hand and converged by one ``--once`` pass.
 
 On the test host the same faults happen for real (libvirtd restarted, the agent killed with SIGKILL):
