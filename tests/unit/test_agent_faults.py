@@ -88,7 +88,7 @@ def test_agent_started_while_libvirt_is_down_catches_up_as_soon_as_it_answers(do
     take_hostdev_away(domains, name)
     agent = RunningAgent(tmp_path, proxy.uri)
     try:
-        agent.wait_line(r"^cannot connect to .*; retrying every")
+        agent.wait_line(r"^cannot connect to ")
         proxy.start()
         lines = agent.wait_line(r"^attached %s to %s \(persistent, by vendor:product\)$" % (KINGSTON_ID, name))
         assert re.match(r"^connected to .* again after [0-9.]+ s; catching up$", lines[0]), lines
