@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.integration.agent_support import UNIT, journal, kernel_address, set_agent, wait_in_guest, wait_journal, wait_settled
-from tests.integration.test_agent_testhost import STICK, attach, hostdev_sources, intent_status, storm, take_all
+from tests.integration.test_agent_testhost import STICK, attach, hostdev_sources, intent_status, take_all
 from tests.testhost import TestHost
 
 GUEST = "faultvm"

@@ -38,9 +38,9 @@ PERIOD = "600"
 class RunningAgent:
     """The agent as a long-running process under umockdev, its lines read as they come."""
 
-    def __init__(self, tmp_path, uri, devices=REFERENCE):
+    def __init__(self, tmp_path, uri):
         tree = tmp_path / "tree.umockdev"
-        tree.write_text(usbtree.render(devices))
+        tree.write_text(usbtree.render(REFERENCE))
         env = dict(os.environ, PYTHONPATH=collection_root(), KVMHOST_USB_LOCK=str(tmp_path / "lock"))
         command = ["umockdev-run", "-d", str(tree), "--", sys.executable, "-u", "-m", AGENT, "--uri", uri, "--period", PERIOD]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
