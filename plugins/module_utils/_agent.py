@@ -14,8 +14,12 @@ declaration, on the one host model ``_host.HostModel``), and carries the plan ou
   (``startupPolicy='optional'``) hostdev kept, so the domain still starts and gets it back later.
 
 Domains without the intent are never touched. ``Agent`` runs the passes: at start, after a burst of
-udev (usb_device add/remove) or libvirt (domain started) events has been quiet for a moment, and
-on a periodic timer. It prints one line per action; under systemd the journal keeps them.
+udev (usb_device add/remove) or libvirt (domain started) events has been quiet for a moment, on a
+periodic timer, and at once whenever it (re)connects to libvirt. While libvirt does not answer (down
+at start, or restarted) it retries every second or two; what udev reported meanwhile is caught up by
+the pass that follows the reconnect. A pass killed half-way leaves nothing the next one cannot finish:
+hostdevs change before the intent that records them, and the planner recognises either half. It prints
+one line per action (reconnects included); under systemd the journal keeps them.
 
 Run it as ``python3 -m ansible_collections.kvmhost.usb.plugins.module_utils._agent`` (the role
 ``kvmhost.usb.passthrough`` installs it as the service ``kvmhost-usb-agent``).
@@ -126,6 +130,9 @@ def reconcile(conn, uri="qemu:///system", check_mode=False):
     return lines
 
 
+CLOSE_REASONS = {0: "error", 1: "end of file", 2: "keepalive timeout", 3: "closed by the client"}
+
+
 class Debouncer:
     """Coalesces a burst of events: due once no event came for ``quiet`` seconds, or ``longest``
     seconds after the first event of a burst that does not stop."""
@@ -156,6 +163,8 @@ class Debouncer:
 
 
 TICK_MS = 100
+# While libvirt does not answer: retry after these many seconds, then every last one of them.
+RETRY_DELAYS = (0.5, 1.0, 2.0)
 
 
 class Agent:
@@ -169,9 +178,12 @@ class Agent:
         self.debouncer = Debouncer(quiet, longest)
         self.conn = None
         self.skipped = []
-        self.next_full = 0.0
         self.monitor = None
         self.tick = None
+        self.retry = None
+        self.retries = 0
+        self.lost = None
+        self.down_since = None
 
     def log(self, line):
         self.out.write(line + "\n")
@@ -196,9 +208,10 @@ class Agent:
             self.poke()
 
     def on_close(self, _conn, reason, _opaque):
-        self.log("lost the connection to %s (reason %d); reconnecting" % (self.uri, reason))
-        self.conn = None
-        self.poke()
+        self.disconnected("lost the connection to %s (%s); reconnecting" % (self.uri, CLOSE_REASONS.get(reason, "reason %d" % reason)))
+
+    def on_retry(self, _timer, _opaque):
+        self.pass_()
 
     def on_tick(self, _timer, _opaque):
         now = self.clock()
@@ -211,19 +224,60 @@ class Agent:
     def on_period(self, _timer, _opaque):
         self.pass_()
 
-    # Passes
+    # The connection
 
     def connect(self):
+        """Open the connection; on success the caller makes a pass at once, on failure a retry is scheduled."""
         libvirt = _libvirt.libvirt
+        self.forget_lost()
+        conn = None
         try:
             conn = libvirt.open(self.uri)
             conn.setKeepAlive(5, 3)
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self.on_lifecycle, None)
             conn.registerCloseCallback(self.on_close, None)
         except libvirt.libvirtError as error:
-            self.log("cannot connect to %s: %s" % (self.uri, _libvirt.error_message(error)))
+            self.lost = conn
+            if self.down_since is None:
+                self.down_since = self.clock()
+                # Once per outage; the retries that follow are not logged.
+                self.log("cannot connect to %s: %s; retrying every %g s" % (self.uri, _libvirt.error_message(error), RETRY_DELAYS[-1]))
+            self.schedule_retry()
             return None
+        if self.down_since is not None:
+            self.log("connected to %s again after %.1f s; catching up" % (self.uri, self.clock() - self.down_since))
+        self.down_since = None
+        self.retries = 0
+        _libvirt.libvirt.virEventUpdateTimeout(self.retry, -1)
         return conn
+
+    def disconnected(self, line):
+        """The connection broke: log it once, drop it, and reconnect soon (the reconnect makes a pass)."""
+        if self.conn is None:
+            return
+        self.log(line)
+        self.lost = self.conn
+        self.conn = None
+        self.down_since = self.clock()
+        self.retries = 0
+        self.schedule_retry()
+
+    def schedule_retry(self):
+        delay = RETRY_DELAYS[min(self.retries, len(RETRY_DELAYS) - 1)]
+        self.retries += 1
+        _libvirt.libvirt.virEventUpdateTimeout(self.retry, int(delay * 1000))
+
+    def forget_lost(self):
+        lost, self.lost = self.lost, None
+        if lost is None:
+            return
+        for release in (lost.unregisterCloseCallback, lost.close):
+            try:
+                release()
+            except _libvirt.libvirt.libvirtError:
+                pass
+
+    # Passes
 
     def pass_(self):
         if self.conn is None:
@@ -232,11 +286,13 @@ class Agent:
                 return
         try:
             lines = reconcile(self.conn, self.uri)
-        except _libvirt.libvirt.libvirtError as error:
-            self.log("reconcile failed: %s" % _libvirt.error_message(error))
-            return
-        except (_passthrough.PassthroughError, OSError) as error:
-            self.log("reconcile failed: %s" % error)
+        except (_libvirt.libvirt.libvirtError, _passthrough.PassthroughError, OSError) as error:
+            message = _libvirt.error_message(error) if isinstance(error, _libvirt.libvirt.libvirtError) else str(error)
+            if not self.alive():
+                # The pass that follows the reconnect does what this one could not.
+                self.disconnected("lost the connection to %s during a pass (%s); reconnecting" % (self.uri, message))
+            else:
+                self.log("reconcile failed: %s" % message)
             return
         skipped = [line for line in lines if line.startswith("not attaching")]
         for line in lines:
@@ -244,6 +300,12 @@ class Agent:
             if line not in self.skipped:
                 self.log(line)
         self.skipped = skipped
+
+    def alive(self):
+        try:
+            return self.conn is not None and self.conn.isAlive() == 1
+        except _libvirt.libvirt.libvirtError:
+            return False
 
     def setup(self):
         libvirt = _libvirt.libvirt
@@ -255,6 +317,7 @@ class Agent:
         self.monitor.start()
         libvirt.virEventAddHandle(self.monitor.fileno(), libvirt.VIR_EVENT_HANDLE_READABLE, self.on_udev, None)
         self.tick = libvirt.virEventAddTimeout(-1, self.on_tick, None)
+        self.retry = libvirt.virEventAddTimeout(-1, self.on_retry, None)
         libvirt.virEventAddTimeout(int(self.period * 1000), self.on_period, None)
 
     def run(self):

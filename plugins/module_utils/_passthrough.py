@@ -232,8 +232,11 @@ class Planner:
     def _record(self, domain: Domain, config: Config, device: dict, selector: dict, rebound: bool) -> None:
         """Put the device's entry into the configuration's intent. An entry that already means the device
         keeps its id (the id rule may have changed the device's since) and, unless the hostdev was re-bound
-        now, the address it was bound at; one of an absent device keeps what will find it again."""
+        now or one pinned to the device's address stands (a pass killed before it recorded the re-bind), the
+        address it was bound at; one of an absent device keeps what will find it again."""
         entry = _host.new_entry(device, selector)
+        if not device.get("absent"):
+            rebound = rebound or any(_host.pinned(hostdev) and self.model.designates(hostdev) == [device] for hostdev in config.hostdevs)
         for index, existing in enumerate(config.intent):
             if existing["id"] == entry["id"] or (not device.get("absent") and self.model.find(existing) is device):
                 if device.get("absent"):
