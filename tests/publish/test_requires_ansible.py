@@ -1,0 +1,36 @@
+"""What meta/runtime.yml promises is what `make test` runs: every ansible-core release from the
+requires_ansible floor up to the project venv's runs sanity and the unit tests (`make matrix` for all
+but the venv's own, which `make unit` and `make sanity` cover)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import ansible.release
+import yaml
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from .conftest import REPO
+
+
+def makefile_variable(name):
+    with open(os.path.join(REPO, "Makefile")) as handle:
+        text = handle.read().replace("\\\n", " ")
+    return re.search(r"^%s := (.*)$" % name, text, re.M).group(1).split()
+
+
+def test_the_matrix_holds_every_release_requires_ansible_admits_up_to_the_venvs():
+    with open(os.path.join(REPO, "meta", "runtime.yml")) as handle:
+        admitted = SpecifierSet(yaml.safe_load(handle)["requires_ansible"])
+    newest = Version(ansible.release.__version__)
+    floor = min(Version(spec.version) for spec in admitted if spec.operator in (">=", ">"))
+    releases = ["2.%d" % minor for minor in range(floor.minor, newest.minor + 1) if Version("2.%d.0" % minor) in admitted]
+    assert floor.major == newest.major == 2
+    assert makefile_variable("CORE_RELEASES") + ["%d.%d" % (newest.major, newest.minor)] == releases
+
+
+def test_the_matrix_runs_existing_tests():
+    for path in makefile_variable("MATRIX_TESTS"):
+        assert os.path.isfile(os.path.join(REPO, path)), path
