@@ -9,7 +9,13 @@ COLLECTIONS := build/collections
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/$(COLLECTIONS)
 
-.PHONY: all setup libvirtd libvirtd-stop collection-link demo test unit sanity lint docs build testhost-image integration molecule benchmark clean
+.PHONY: all setup libvirtd libvirtd-stop collection-link demo test unit sanity lint docs docs-site publish matrix build testhost-image integration molecule benchmark clean
+
+# The ansible-core releases besides the project venv's (2.19) that meta/runtime.yml admits (>=2.16) and that
+# run on Python 3.11: `make matrix` runs sanity and the tests that depend on ansible-core on each of them.
+CORE_RELEASES := 2.16 2.17 2.18
+MATRIX_TESTS := tests/unit/test_usb_facts.py tests/unit/test_usb_attach.py tests/unit/test_usb_detach.py \
+	tests/unit/test_qemu_usb_controller.py tests/unit/test_usb_drift_filter.py tests/unit/test_host_role.py
 
 all: test
 
@@ -49,6 +55,24 @@ lint: setup
 docs: setup
 	scripts/check-docs.sh
 
+# The collection's HTML documentation, built by antsibull-docs and Sphinx into build/docs-site/build/html.
+docs-site: setup
+	scripts/docs-site.sh
+
+# What Galaxy, ansible-builder, antsibull-docs and antsibull-changelog check before a release (tests/publish).
+publish: setup docs-site
+	$(PY) -m pytest -q tests/publish
+
+# The modules' floor, Python 3.9 on the managed host (tests/config.yml): ansible-test compiles and imports them
+# with it. Then every older ansible-core release.
+matrix: setup
+	KVMHOST_USB_PYTHON=3.9 scripts/sanity.sh --test compile --test import
+	@set -e; for release in $(CORE_RELEASES); do \
+		echo "== ansible-core $$release: sanity"; KVMHOST_USB_CORE=$$release scripts/sanity.sh; \
+		echo "== ansible-core $$release: unit tests of the modules, the filter and the host role"; \
+		"$$(scripts/core-venv.sh $$release)/bin/python" -m pytest -q $(MATRIX_TESTS); \
+	done
+
 build: setup
 	$(VENV)/bin/ansible-galaxy collection build --force --output-path build/dist .
 
@@ -69,7 +93,7 @@ benchmark: setup
 demo: setup
 	$(PY) -m tests.testhost.demo
 
-test: setup unit sanity lint docs integration molecule
+test: setup unit sanity lint docs publish matrix integration molecule
 
 clean:
 	scripts/stop-libvirtd.sh
