@@ -14,8 +14,9 @@ export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/$(COLLECTIONS)
 # The ansible-core releases besides the project venv's (2.19) that meta/runtime.yml admits (>=2.16) and that
 # run on Python 3.11: `make matrix` runs sanity and the tests that depend on ansible-core on each of them.
 CORE_RELEASES := 2.16 2.17 2.18
-MATRIX_TESTS := tests/unit/test_usb_facts.py tests/unit/test_usb_attach.py tests/unit/test_usb_detach.py \
-	tests/unit/test_qemu_usb_controller.py tests/unit/test_usb_drift_filter.py tests/unit/test_host_role.py
+# Each module's unit tests (tests/unit/test_<module>.py), the filter's and the host role's.
+MATRIX_TESTS := $(wildcard $(patsubst plugins/modules/%.py,tests/unit/test_%.py,$(wildcard plugins/modules/*.py))) \
+	tests/unit/test_usb_drift_filter.py tests/unit/test_host_role.py
 
 all: test
 

@@ -87,8 +87,26 @@ def test_release_carries_every_fragment_and_lists_the_new_modules(released):
                     assert " ".join(words(entry)[:8]) in changelog, "%s: %s" % (name, section)
     version = galaxy_metadata()["version"]
     new_modules = changelog.split("New Modules", 1)[1]
-    for module in os.listdir(os.path.join(REPO, "plugins", "modules")):
-        with open(os.path.join(REPO, "plugins", "modules", module)) as handle:
-            added = re.search(r"^version_added: ['\"]?([0-9.]+)", handle.read(), re.M)
-        if added and added.group(1) == version:
-            assert " ".join(words("kvmhost.usb." + module[:-3])) in new_modules, module
+    for module, added in versions_added("modules").items():
+        if added == Version(version):
+            assert " ".join(words("kvmhost.usb." + module)) in new_modules, module
+
+
+def versions_added(kind):
+    """Each plugin of a kind with the version_added of its documentation."""
+    found = {}
+    for name in os.listdir(os.path.join(REPO, "plugins", kind)):
+        if name.endswith(".py") and not name.startswith("_"):
+            with open(os.path.join(REPO, "plugins", kind, name)) as handle:
+                added = re.search(r"^version_added: ['\"]?([0-9.]+)", handle.read(), re.M)
+            if added:
+                found[name[:-3]] = Version(added.group(1))
+    return found
+
+
+def test_no_plugin_is_added_in_a_version_after_galaxys():
+    """A plugin whose version_added is past galaxy.yml's version would ship in this release unannounced."""
+    version = Version(galaxy_metadata()["version"])
+    for kind in ("modules", "filter"):
+        later = {name: str(added) for name, added in versions_added(kind).items() if added > version}
+        assert later == {}, "version_added after galaxy.yml's %s" % version
