@@ -99,3 +99,7 @@ test: setup unit sanity lint docs publish matrix integration molecule
 clean:
 	scripts/stop-libvirtd.sh
 	rm -rf build
+
+# `make print-CORE_RELEASES` shows a variable's value (tests/publish reads the matrix so).
+print-%:
+	@echo $($*)

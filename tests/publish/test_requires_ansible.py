@@ -5,7 +5,7 @@ but the venv's own, which `make unit` and `make sanity` cover)."""
 from __future__ import annotations
 
 import os
-import re
+import subprocess
 
 import ansible.release
 import yaml
@@ -16,9 +16,8 @@ from .conftest import REPO
 
 
 def makefile_variable(name):
-    with open(os.path.join(REPO, "Makefile")) as handle:
-        text = handle.read().replace("\\\n", " ")
-    return re.search(r"^%s := (.*)$" % name, text, re.M).group(1).split()
+    out = subprocess.run(["make", "-s", "--no-print-directory", "print-" + name], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return out.split()
 
 
 def test_the_matrix_holds_every_release_requires_ansible_admits_up_to_the_venvs():
@@ -31,6 +30,10 @@ def test_the_matrix_holds_every_release_requires_ansible_admits_up_to_the_venvs(
     assert makefile_variable("CORE_RELEASES") + ["%d.%d" % (newest.major, newest.minor)] == releases
 
 
-def test_the_matrix_runs_existing_tests():
-    for path in makefile_variable("MATRIX_TESTS"):
+def test_the_matrix_runs_each_modules_unit_tests():
+    tests = makefile_variable("MATRIX_TESTS")
+    modules = [name[:-3] for name in os.listdir(os.path.join(REPO, "plugins", "modules")) if name.endswith(".py")]
+    for module in modules:
+        assert "tests/unit/test_%s.py" % module in tests, module
+    for path in tests:
         assert os.path.isfile(os.path.join(REPO, path)), path
