@@ -14,6 +14,8 @@ export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/$(COLLECTIONS)
 # The ansible-core releases besides the project venv's (2.19) that meta/runtime.yml admits (>=2.16) and that
 # run on Python 3.11: `make matrix` runs sanity and the tests that depend on ansible-core on each of them.
 CORE_RELEASES := 2.16 2.17 2.18
+# The oldest Python the modules support on a managed host (tests/config.yml).
+TARGET_PYTHON := 3.9
 # Each module's unit tests (tests/unit/test_<module>.py), the filter's and the host role's.
 MATRIX_TESTS := $(wildcard $(patsubst plugins/modules/%.py,tests/unit/test_%.py,$(wildcard plugins/modules/*.py))) \
 	tests/unit/test_usb_drift_filter.py tests/unit/test_host_role.py
@@ -64,10 +66,9 @@ docs-site: setup
 publish: setup docs-site
 	$(PY) -m pytest -q tests/publish
 
-# The modules' floor, Python 3.9 on the managed host (tests/config.yml): ansible-test compiles and imports them
-# with it. Then every older ansible-core release.
+# ansible-test compiles and imports the modules with the oldest Python they support; then every older release.
 matrix: setup
-	KVMHOST_USB_PYTHON=3.9 scripts/sanity.sh --test compile --test import
+	KVMHOST_USB_PYTHON=$(TARGET_PYTHON) scripts/sanity.sh --test compile --test import
 	@set -e; for release in $(CORE_RELEASES); do \
 		echo "== ansible-core $$release: sanity"; KVMHOST_USB_CORE=$$release scripts/sanity.sh; \
 		echo "== ansible-core $$release: unit tests of the modules, the filter and the host role"; \

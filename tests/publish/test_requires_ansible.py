@@ -1,6 +1,7 @@
-"""What meta/runtime.yml promises is what `make test` runs: every ansible-core release from the
-requires_ansible floor up to the project venv's runs sanity and the unit tests (`make matrix` for all
-but the venv's own, which `make unit` and `make sanity` cover)."""
+"""What meta/runtime.yml and tests/config.yml promise is what `make test` runs: every ansible-core release
+from the requires_ansible floor up to the project venv's runs sanity and the unit tests (`make matrix` for
+all but the venv's own, which `make unit` and `make sanity` cover), and the modules compile and import on
+the oldest Python they support."""
 
 from __future__ import annotations
 
@@ -37,3 +38,12 @@ def test_the_matrix_runs_each_modules_unit_tests():
         assert "tests/unit/test_%s.py" % module in tests, module
     for path in tests:
         assert os.path.isfile(os.path.join(REPO, path)), path
+
+
+def test_the_matrix_runs_the_modules_on_their_oldest_python():
+    with open(os.path.join(REPO, "tests", "config.yml")) as handle:
+        python_requires = SpecifierSet(yaml.safe_load(handle)["modules"]["python_requires"])
+    floor = min(Version(spec.version) for spec in python_requires if spec.operator == ">=")
+    assert makefile_variable("TARGET_PYTHON") == ["%d.%d" % (floor.major, floor.minor)]
+    with open(os.path.join(REPO, "README.md")) as handle:
+        assert "Managed hosts: Python %d.%d+" % (floor.major, floor.minor) in handle.read()
