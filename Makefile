@@ -9,7 +9,17 @@ COLLECTIONS := build/collections
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/$(COLLECTIONS)
 
-.PHONY: all setup libvirtd libvirtd-stop collection-link demo test unit sanity lint docs build testhost-image integration molecule benchmark clean
+.PHONY: all setup libvirtd libvirtd-stop collection-link demo test unit sanity lint docs docs-site publish matrix build testhost-image integration molecule benchmark clean
+
+# The ansible-core releases besides the project venv's (2.19) that meta/runtime.yml admits (>=2.16) and that
+# run on Python 3.11: `make matrix` runs sanity and the tests that depend on ansible-core on each of them.
+CORE_RELEASES := 2.16 2.17 2.18
+# The oldest Python the modules support on a managed host (tests/config.yml).
+TARGET_PYTHON := 3.9
+# Each module's unit tests (tests/unit/test_<module>.py) and the filter's. (The role tests run playbooks and take
+# about two minutes a release; `make unit` runs them on the venv's release.)
+MATRIX_TESTS := $(wildcard $(patsubst plugins/modules/%.py,tests/unit/test_%.py,$(wildcard plugins/modules/*.py))) \
+	tests/unit/test_usb_drift_filter.py
 
 all: test
 
@@ -49,6 +59,23 @@ lint: setup
 docs: setup
 	scripts/check-docs.sh
 
+# The collection's HTML documentation, built by antsibull-docs and Sphinx into build/docs-site/build/html.
+docs-site: setup
+	scripts/docs-site.sh
+
+# What Galaxy, ansible-builder, antsibull-docs and antsibull-changelog check before a release (tests/publish).
+publish: setup docs-site
+	$(PY) -m pytest -q tests/publish
+
+# ansible-test compiles and imports the modules with the oldest Python they support; then every older release.
+matrix: setup
+	KVMHOST_USB_PYTHON=$(TARGET_PYTHON) scripts/sanity.sh --test compile --test import
+	@set -e; for release in $(CORE_RELEASES); do \
+		echo "== ansible-core $$release: sanity"; KVMHOST_USB_CORE=$$release scripts/sanity.sh; \
+		echo "== ansible-core $$release: unit tests of the modules and the filter"; \
+		"$$(scripts/core-venv.sh $$release)/bin/python" -m pytest -q $(MATRIX_TESTS); \
+	done
+
 build: setup
 	$(VENV)/bin/ansible-galaxy collection build --force --output-path build/dist .
 
@@ -69,8 +96,12 @@ benchmark: setup
 demo: setup
 	$(PY) -m tests.testhost.demo
 
-test: setup unit sanity lint docs integration molecule
+test: setup unit sanity lint docs publish matrix integration molecule
 
 clean:
 	scripts/stop-libvirtd.sh
 	rm -rf build
+
+# `make print-CORE_RELEASES` shows a variable's value (tests/publish reads the matrix so).
+print-%:
+	@echo $($*)
