@@ -64,10 +64,5 @@ def testhost_factory() -> Iterator[Callable[..., TestHost]]:
 @pytest.fixture
 def guest(testhost: TestHost, request: pytest.FixtureRequest) -> Iterator[str]:
     """A running diskless guest (q35, qemu-xhci, no disk) in the session's test host; yields its name."""
-    name = "t-" + re.sub(r"[^A-Za-z0-9]+", "-", request.node.name).strip("-")[:40]
-    testhost.remove_guest(name)
-    testhost.create_guest(name)
-    try:
+    with testhost.running_guest("t-" + re.sub(r"[^A-Za-z0-9]+", "-", request.node.name).strip("-")[:40]) as name:
         yield name
-    finally:
-        testhost.remove_guest(name)

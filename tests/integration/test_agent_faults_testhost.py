@@ -38,12 +38,8 @@ def agent(testhost: TestHost) -> Iterator[TestHost]:
 
 @pytest.fixture(scope="module")
 def vm(agent: TestHost) -> Iterator[str]:
-    agent.remove_guest(GUEST)
-    agent.create_guest(GUEST)
-    try:
-        yield GUEST
-    finally:
-        agent.remove_guest(GUEST)
+    with agent.running_guest(GUEST) as name:
+        yield name
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import yaml
@@ -368,6 +369,16 @@ class TestHost:
     def remove_guest(self, name: str) -> None:
         """Destroy and undefine a guest (no error if it does not exist)."""
         guest.remove(self, name)
+
+    @contextlib.contextmanager
+    def running_guest(self, name: str) -> Iterator[str]:
+        """A fresh running guest named ``name`` (one left by an earlier run is replaced), removed afterwards."""
+        self.remove_guest(name)
+        self.create_guest(name)
+        try:
+            yield name
+        finally:
+            self.remove_guest(name)
 
 
 def stop_all(prefix: str = "") -> None:
