@@ -13,7 +13,8 @@
 Each is timed on fresh guests (first converge) and right after on the same guests (the no-op
 re-run); beside them two floors, what Ansible alone costs for one task and for one module run per
 guest (``ansible.builtin.command: true``). It prints the medians, the ratios against the virsh
-loop (and attach / passthrough), how each time grows with the guests (time per guest, the
+loop (and attach / passthrough), the most any module run in one task could reach against the
+loop (virsh / the one-task floor), how each time grows with the guests (time per guest, the
 slope, the ratio of the largest to the smallest size), the load average during each size, and
 the aims of issue 10: no-op re-run at least 5x faster than the virsh loop at 10 guests and 20x
 at 100, first converge at least 3x at 10.
