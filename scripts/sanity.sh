@@ -14,9 +14,13 @@ python=${KVMHOST_USB_PYTHON:-3.11}
 if [ "$python" = 3.9 ]; then
     PATH=$(scripts/python39.sh):$PATH
 fi
+# ansible-test keeps its sanity venvs in ~/.ansible/test, shared by every checkout on the machine: two runs that
+# create the same venv at once break it (pip half-installed), so one sanity run at a time, the venvs reused.
+mkdir -p ~/.ansible/test/cache
+exec 9>~/.ansible/test/kvmhost-usb-sanity.lock
+flock 9
 # ansible-test bootstraps pip in each of its sanity venvs with a script it would download; give it ours.
 pip_version=$(python -c 'import inspect, re, ansible_test._internal.python_requirements as r; print(re.search(r"pip=.([0-9.]+).", inspect.getsource(r.get_venv_packages)).group(1))')
-mkdir -p ~/.ansible/test/cache
 cp scripts/get-pip-from-ensurepip.py ~/.ansible/test/cache/"get_pip_${pip_version//./_}.py"
 # Outside the checkout: inside it, ansible-test would ask this repository's git for the file list.
 # The copy is kept between runs so that ansible-test's virtual environments (tests/output) are reused;
