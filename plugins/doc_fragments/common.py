@@ -31,6 +31,15 @@ notes:
     C(port) and C(address); every key given must match, and exactly one device of the host must match.
     For ad-hoc commands a selector may also be a string: an C(id), C(vvvv:pppp), C(BBB:DDD) or a port path such as C(2-1.4).
   - >-
+    A selector with C(host) (the inventory name of another KVM host, for example C({host: kvm1, id: "0529:0001:1A2B3C"}))
+    chooses a device plugged into that host: its other keys apply there. The device is imported over USB/IP from the
+    exporting host's C(link_address) and is then a USB device of this host (see the collection's C(docs/crosshost.md));
+    the exporting host must export it to this one (the R(kvmhost.usb.passthrough,ansible_collections.kvmhost.usb.passthrough_role)
+    role does, from the inventory, or M(kvmhost.usb.usb_export)). In a playbook the action plugin fills in C(link_address) from
+    the inventory (C(usb_link_address), else C(ansible_host), of that host), fails for a host not in the inventory, and drops
+    C(host) when it names the managed host itself. Ad hoc through the module alone, give C(link_address) too.
+    Check mode imports nothing and reports the import it would make.
+  - >-
     Quote vendor and product ids in YAML (C(vendor_id: "0627")): an unquoted C(0627) is read as an octal number.
   - Hubs and root hubs are never passed through.
 """

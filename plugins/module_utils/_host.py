@@ -135,7 +135,8 @@ def entry_port(entry: dict) -> str | None:
 
 def new_entry(device: dict, selector: dict) -> dict:
     """The intent entry for a device chosen by a selector: its id, and what finds it again."""
-    entry = {"id": device["id"], "selector": selector}
+    entry = {"id": device["id"], "selector": _usb.recorded_selector(selector)}
+    entry.update((key, selector[key]) for key in _usb.REMOTE_FIELDS if selector.get(key))
     if device.get("absent"):
         serial = entry_serial(entry)
         if serial:
@@ -464,7 +465,7 @@ class HostModel:
         """The intent entry of the domain recorded for this selector (by id or by the same selector), and the device it means."""
         for config in domain.configs.values():
             for entry in config.intent:
-                if entry["id"] == selector.get("id") or entry["selector"] == selector:
+                if entry["id"] == selector.get("id") or entry["selector"] == _usb.recorded_selector(selector):
                     return entry, self.find(entry)
         return None
 

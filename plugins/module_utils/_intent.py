@@ -16,19 +16,26 @@ In the domain XML it reads::
 Each entry is the resolved device id and the normalised selector the operator gave, and the device's serial,
 port and the bus/device address it was bound at: what finds the device again after the id rule changed its id
 (see ``_host``). Entries written before these were recorded lack them and are completed on the next run.
+
+A device imported from another KVM host (a selector with ``host``) also records ``host`` and the
+``link_address`` it was imported from, so that the reattach agent can import it again::
+
+    <kvmhost-usb:device id="46f4:0001:KING0001" serial="KING0001" port="3-1" address="003:002" host="kvm1" link_address="10.77.0.1">
+      <kvmhost-usb:selector id="46f4:0001:KING0001" host="kvm1"/>
+    </kvmhost-usb:device>
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from ansible_collections.kvmhost.usb.plugins.module_utils._usb import SELECTOR_FIELDS
+from ansible_collections.kvmhost.usb.plugins.module_utils._usb import RECORDED_FIELDS
 
 NAMESPACE = "http://kvmhost.usb/ns/passthrough/1"
 PREFIX = "kvmhost-usb"
 ROOT = "passthrough"
-# What the device had when it was bound, beside its id.
-BOUND_FIELDS = ("serial", "port", "address")
+# What the device had when it was bound, beside its id, and where it was imported from.
+BOUND_FIELDS = ("serial", "port", "address", "host", "link_address")
 
 ET.register_namespace(PREFIX, NAMESPACE)
 
@@ -43,7 +50,7 @@ def from_domain_xml(xml_text: str) -> list[dict]:
     for device in element.findall("{%s}device" % NAMESPACE):
         selector_element = device.find("{%s}selector" % NAMESPACE)
         attributes = selector_element.attrib if selector_element is not None else {}
-        selector = dict((field, attributes[field]) for field in SELECTOR_FIELDS if attributes.get(field))
+        selector = dict((field, attributes[field]) for field in RECORDED_FIELDS if attributes.get(field))
         entry = {"id": device.get("id"), "selector": selector}
         entry.update((key, device.get(key)) for key in BOUND_FIELDS if device.get(key))
         entries.append(entry)
@@ -60,7 +67,7 @@ def to_xml(entries: list[dict], namespace: str | None = None) -> str:
         for key in BOUND_FIELDS:
             if entry.get(key):
                 device.set(key, entry[key])
-        ET.SubElement(device, tag % "selector", dict((field, entry["selector"][field]) for field in SELECTOR_FIELDS if field in entry["selector"]))
+        ET.SubElement(device, tag % "selector", dict((field, entry["selector"][field]) for field in RECORDED_FIELDS if field in entry["selector"]))
     return ET.tostring(root, encoding="unicode")
 
 

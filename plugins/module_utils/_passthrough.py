@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _host, _intent, _libvirt, _mounts, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils import _crosshost, _host, _intent, _libvirt, _mounts, _usb
 from ansible_collections.kvmhost.usb.plugins.module_utils._host import LIVE, PERSISTENT, Config, Domain, HostModel
 
 LOCK_PATH = "/run/lock/kvmhost-usb.lock"
@@ -124,6 +124,7 @@ class Planner:
         self.steps = []
         self.touched = []
         self.warnings = []
+        self.imports = _crosshost.Imports(check_mode)
 
     # Reading the host
 
@@ -158,7 +159,10 @@ class Planner:
         """The device a selector chooses for a domain. Beyond the plain rule (exactly one present device
         matches): a device the domain holds stays its own when a twin makes the selector ambiguous, the
         device the domain's intent recorded for this selector is found after its id changed, and with
-        ``allow_absent`` a device named by its full serial id may be absent."""
+        ``allow_absent`` a device named by its full serial id may be absent. A selector with ``host`` chooses the
+        device imported for it (in check mode, a stand-in when it is not imported yet)."""
+        if _usb.is_remote(selector):
+            return self.remote_device(selector)
         try:
             return _usb.select_device(self.devices, selector)
         except _usb.SelectorError:
@@ -176,6 +180,14 @@ class Planner:
             if allow_absent and not matches and _host.entry_serial({"id": selector.get("id", "")}) and set(selector) == {"id"}:
                 return _host.absent_device(selector["id"])
             raise
+
+    def remote_device(self, selector: dict) -> dict:
+        record = self.imports.record(selector)
+        if record is None:
+            if self.check_mode:
+                return _crosshost.stand_in(selector)
+            raise _usb.SelectorError("%s is not imported" % _crosshost.describe(selector))
+        return _crosshost.local_device(self.model.candidates, record, selector)
 
     def resolve(self, domain: Domain | None, selectors: list[dict], allow_absent: bool = False) -> list[tuple[dict, dict]]:
         resolved = []
@@ -240,7 +252,10 @@ class Planner:
         for index, existing in enumerate(config.intent):
             if existing["id"] == entry["id"] or (not device.get("absent") and self.model.find(existing) is device):
                 if device.get("absent"):
-                    entry = dict(existing, selector=selector)
+                    entry = dict(existing, **dict((key, entry[key]) for key in ("selector",) + _usb.REMOTE_FIELDS if key in entry))
+                for key in _usb.REMOTE_FIELDS:
+                    if existing.get(key) and key not in entry:
+                        entry[key] = existing[key]
                 entry["id"] = existing["id"]
                 if not rebound and existing.get("address"):
                     entry["address"] = existing["address"]
@@ -379,8 +394,10 @@ class Planner:
             "after": "".join(_render(domain, domain.configs) for domain in domains),
         }
 
-    def result(self, steps: list[Step], started: list[Domain]) -> dict:
+    def result(self, steps: list[Step], started: list[Domain], imports: bool = True) -> dict:
         actions = [step.describe() for step in steps] + ["start %s" % domain.name for domain in started]
+        if imports:
+            actions = self.imports.actions + actions
         return {"changed": bool(actions), "actions": actions}
 
     # The operations
@@ -440,7 +457,7 @@ class Planner:
                 self.plan_exclusive(domain, scopes, [device for _selector, device in resolved])
             for selector, device in resolved:
                 self.plan_attach(domain, scopes, selector, device)
-                if device.get("absent"):
+                if device.get("absent") and not device.get("remote"):
                     self.warnings.append(
                         "Device %s declared for %s is not plugged in: its intent is recorded, and the reattach agent attaches it when it appears."
                         % (device["id"], domain.name)
@@ -474,16 +491,20 @@ class Planner:
     def converge(self, domains: dict, steal: bool = False, whole_host: bool = False, allow_host_critical: bool = False) -> dict:
         """usb_passthrough: the host's declared state in one pass."""
         declaration = normalize_declaration(domains)
+        self.imports.prepare([(name, selector) for name, settings in declaration.items() for selector in settings["devices"]])
         self.enumerate()
         with maybe_lock(self.check_mode):
             self.load_domains()
             drift = self.model.drift(declaration, _usb.build_topology(self.devices))
             try:
                 wanted = self.plan_declaration(declaration, steal=steal, whole_host=whole_host, allow_host_critical=allow_host_critical)
-            except PassthroughError as error:
+                self.plan_dropped_imports(wanted)
+                steps = self.execute()
+            except (PassthroughError, _usb.SelectorError) as error:
+                self.imports.undo()
                 error.drift = drift
                 raise
-            steps = self.execute()
+            self.release_unclaimed()
         started = self.start_all([domain for domain, (settings, _resolved) in wanted.items() if settings["auto_start"]])
         result = self.result(steps, started)
         result["domains"] = {}
@@ -491,7 +512,8 @@ class Planner:
             if domain in wanted or domain in self.touched:
                 result["domains"][domain.name] = dict(
                     domain.summary(),
-                    actions=self.result([step for step in steps if step.domain is domain], [domain] if domain in started else [])["actions"],
+                    actions=self.imports.by_domain.get(domain.name, [])
+                    + self.result([step for step in steps if step.domain is domain], [domain] if domain in started else [], imports=False)["actions"],
                     devices=[device["id"] for _selector, device in wanted[domain][1]] if domain in wanted else [],
                 )
         result["drift"] = drift
@@ -511,6 +533,7 @@ class Planner:
     ) -> dict:
         """usb_attach: one domain gets the devices, in addition to what it has unless ``exclusive``."""
         handle = self.lookup(domain_name)
+        self.imports.prepare([(handle.name(), selector) for selector in selectors])
         self.enumerate()
         with maybe_lock(self.check_mode):
             self.load_domains()
@@ -518,9 +541,13 @@ class Planner:
             declaration = {domain.uuid: {"devices": selectors, "exclusive": exclusive, "auto_start": auto_start}}
             try:
                 wanted = self.plan_declaration(declaration, steal=steal, allow_host_critical=allow_host_critical, allow_absent=False, persistent=persistent)
+                steps = self.execute()
             except _usb.SelectorError as error:
+                self.imports.undo()
                 raise PassthroughError(str(error))
-            steps = self.execute()
+            except PassthroughError:
+                self.imports.undo()
+                raise
         started = self.start_all([domain] if auto_start else [])
         result = self.result(steps, started)
         result["devices"] = [self.model.device_view(device) for _selector, device in wanted[domain][1]]
@@ -531,6 +558,7 @@ class Planner:
     def detach(self, domain_name: str | None, selectors: list[dict], auto_start: bool = False) -> dict:
         """usb_detach: the devices leave one domain, or whichever domains hold them."""
         handle = self.lookup(domain_name) if domain_name else None
+        self.imports.find_standing(selectors)
         self.enumerate()
         with maybe_lock(self.check_mode):
             self.load_domains()
@@ -538,7 +566,7 @@ class Planner:
             domains = [only] if only else self.model.domains
             present = []
             for selector in selectors:
-                if any(_usb.selector_matches(selector, device) for device in self.devices):
+                if self.imports.record(selector) or any(_usb.selector_matches(selector, device) for device in self.devices):
                     present.append(self.choose(only, selector))
                     continue
                 absent = self.intended_absent(domains, selector)
@@ -549,6 +577,7 @@ class Planner:
                     if only or any(self.model.claims(config, device) for config in domain.configs.values()):
                         self.plan_detach(domain, device)
             steps = self.execute()
+            self.release_unclaimed(list(self.imports.records.values()))
         started = self.start_all(([only] if only else self.touched) if auto_start else [])
         result = self.result(steps, started)
         result["devices"] = [self.model.device_view(device) for device in present]
@@ -556,6 +585,25 @@ class Planner:
         result["domains"] = [domain.summary() for domain in self.touched]
         result["diff"] = self.diff(self.touched or ([only] if only else []))
         return result
+
+    def plan_dropped_imports(self, wanted: dict) -> None:
+        """A device imported from another host stays only while declared: the export on that host follows the
+        same declaration. An intent entry with ``host`` that the declaration no longer gives its domain leaves it."""
+        for domain in self.model.domains:
+            kept = [_device_key(device) for _selector, device in wanted.get(domain, ({}, []))[1]]
+            for config in list(domain.configs.values()):
+                for entry in list(config.intent):
+                    if entry.get("host") and self._entry_key(entry) not in kept:
+                        device = self.model.find(entry)
+                        self.plan_detach(domain, device if device is not None else _host.absent_device(entry["id"]))
+
+    def release_unclaimed(self, records: list[dict] | None = None) -> None:
+        """Release the imports (all of this host's, or ``records``) whose device no domain's intent claims any more."""
+        records = _crosshost.standing_imports() if records is None else records
+        if not records:
+            return
+        claimed = [device for domain in self.model.domains for config in domain.configs.values() for device in self.model.claimed(config)]
+        self.imports.release(_crosshost.unclaimed(records, self.devices, claimed))
 
     def intended_absent(self, domains: list[Domain], selector: dict) -> list[tuple[Domain, dict]]:
         """For a selector that matches no present device: the domains whose intent names it, and the device it named."""

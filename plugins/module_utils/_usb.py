@@ -64,7 +64,15 @@ PORT = re.compile(r"^\d+-\d+(\.\d+)*$")
 VENDOR_PRODUCT = re.compile(r"^([0-9a-fA-F]{4}):([0-9a-fA-F]{4})$")
 DEVICE_ID = re.compile(r"^([0-9a-f]{4}):([0-9a-f]{4})(?::([A-Za-z0-9._~%-]+)|@(\d+-\d+(?:\.\d+)*))$")
 
-SELECTOR_FIELDS = ("id", "vendor_id", "product_id", "serial", "port", "address")
+DEVICE_FIELDS = ("id", "vendor_id", "product_id", "serial", "port", "address")
+# A selector with host chooses a device plugged into that other KVM host of the inventory, reached at
+# link_address (filled in by the action plugins from the inventory); its device fields apply there.
+REMOTE_FIELDS = ("host", "link_address")
+SELECTOR_FIELDS = DEVICE_FIELDS + REMOTE_FIELDS
+# What the intent records of a selector: link_address is where the host was reached, recorded beside it.
+RECORDED_FIELDS = DEVICE_FIELDS + ("host",)
+HOST_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@:-]*$")
+LINK_ADDRESS = re.compile(r"^[A-Za-z0-9_.:%-]+$")
 
 
 class SelectorError(ValueError):
@@ -336,10 +344,33 @@ def normalize_selector(selector):
                 raise SelectorError(
                     "Malformed id %r: expected vvvv:pppp:SERIAL or vvvv:pppp@PORT as usb_facts reports it" % selector[field]
                 )
+        elif field == "host":
+            if not HOST_NAME.match(value):
+                raise SelectorError("Malformed host %r: expected the inventory name of a KVM host such as kvm1" % selector[field])
+        elif field == "link_address":
+            if not LINK_ADDRESS.match(value):
+                raise SelectorError("Malformed link_address %r: expected an IP address or a host name" % selector[field])
         normalized[field] = value
-    if not normalized:
-        raise SelectorError("Empty device selector: give at least one of %s" % ", ".join(SELECTOR_FIELDS))
+    if not any(field in normalized for field in DEVICE_FIELDS):
+        raise SelectorError("Empty device selector: give at least one of %s" % ", ".join(DEVICE_FIELDS))
+    if "link_address" in normalized and "host" not in normalized:
+        raise SelectorError("Selector (%s) has a link_address but no host: link_address is the address of host" % describe_selector(normalized))
     return normalized
+
+
+def is_remote(selector):
+    """Whether the selector chooses a device of another KVM host."""
+    return "host" in selector
+
+
+def device_fields(selector):
+    """The fields of a selector that describe the device itself (on whichever host it is plugged into)."""
+    return dict((field, selector[field]) for field in DEVICE_FIELDS if field in selector)
+
+
+def recorded_selector(selector):
+    """The selector as the intent records it and compares it (without link_address)."""
+    return dict((field, selector[field]) for field in RECORDED_FIELDS if field in selector)
 
 
 def _parse_selector_string(text):
@@ -359,10 +390,12 @@ def _parse_selector_string(text):
 
 
 def describe_selector(selector):
-    return ", ".join("%s=%s" % (field, selector[field]) for field in SELECTOR_FIELDS if field in selector)
+    return ", ".join("%s=%s" % (field, selector[field]) for field in ("host",) + DEVICE_FIELDS if field in selector)
 
 
 def selector_matches(selector, device):
+    """Every field of the selector matches the device. A device of this host has no host field, so a selector
+    naming another host never matches one: that device is found through its import (see _crosshost)."""
     for field, wanted in selector.items():
         if device.get(field) != wanted:
             return False

@@ -1,0 +1,169 @@
+# Copyright (c) 2026, kvmhost.usb contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""The consuming host's side of a selector with ``host``: the device is plugged into another KVM host of the
+inventory, imported here over USB/IP (``_usbip``), and from then on a local USB device like any other.
+
+usb_attach, usb_detach and usb_passthrough import such devices before they plan (the planner then chooses the
+imported local device for the selector), and release an import no domain's intent claims any more. Check mode
+imports nothing: a device not imported yet is planned as a stand-in, and the import is reported as an action.
+"""
+
+from __future__ import annotations
+
+from ansible_collections.kvmhost.usb.plugins.module_utils import _usb, _usbip
+
+
+def standing_imports() -> list[dict]:
+    """This host's imports; none when USB/IP was never used here."""
+    try:
+        return _usbip.imports()
+    except (OSError, _usbip.UsbipError):
+        return []
+
+
+def selector_key(selector: dict) -> tuple:
+    return tuple(sorted(_usb.recorded_selector(selector).items()))
+
+
+def require_link_address(selector: dict) -> None:
+    if not selector.get("link_address"):
+        raise _usb.SelectorError(
+            "Selector (%s) names host %s but no link_address. The modules get it from the inventory through their action"
+            " plugin (usb_link_address or ansible_host of %s); ad hoc, give link_address too." % (_usb.describe_selector(selector), selector["host"], selector["host"])
+        )
+
+
+def describe(selector: dict) -> str:
+    """``46f4:0001:KING0001 from kvm1 (10.77.0.1)``: a remote device as actions and errors name it."""
+    return "%s from %s (%s)" % (_usb.describe_selector(_usb.device_fields(selector)), selector["host"], selector.get("link_address") or "no link address")
+
+
+def matching_import(records: list[dict], selector: dict) -> dict | None:
+    """The standing import of this host that the selector chose earlier: same host, and the device fields the
+    import record knows (its id) agree with the selector's."""
+    for record in records:
+        if record.get("host") != selector["host"]:
+            continue
+        device_id = record.get("id") or ""
+        if "id" in selector:
+            if device_id == selector["id"]:
+                return record
+            continue
+        vendor_product = "%s:%s" % (selector.get("vendor_id", device_id[0:4]), selector.get("product_id", device_id[5:9]))
+        if device_id[0:9] != vendor_product:
+            continue
+        if selector.get("serial") and device_id[10:] != _usb.encode_serial(selector["serial"]):
+            continue
+        return record
+    return None
+
+
+def stand_in(selector: dict) -> dict:
+    """What check mode plans with for a device it has not imported: known only by the selector's fields."""
+    fields = _usb.device_fields(selector)
+    device_id = fields.get("id") or "%s:%s" % (fields.get("vendor_id", "????"), fields.get("product_id", "????"))
+    return {
+        "id": device_id,
+        "vendor_id": device_id[0:4],
+        "product_id": device_id[5:9],
+        "vendor_device_id": device_id[0:9],
+        "absent": True,
+        "remote": True,
+    }
+
+
+class Imports:
+    """The imports one run needs: ``prepare`` imports every remote selector's device (check mode: finds the ones
+    standing), ``record(selector)`` is then its import record or None, ``actions`` what was (or would be) done."""
+
+    def __init__(self, check_mode: bool) -> None:
+        self.check_mode = check_mode
+        self.records = {}
+        self.actions = []
+        self.by_domain = {}
+        self.made = []
+
+    def prepare(self, selectors: list[tuple[str | None, dict]]) -> None:
+        """Import the device of each ``(domain name, selector)`` with ``host`` unless it is imported already.
+        Fails naming the domain and host; the imports this call made are released again first."""
+        remote = [(name, selector) for name, selector in selectors if _usb.is_remote(selector)]
+        if not remote:
+            return
+        standing = standing_imports()
+        for name, selector in remote:
+            require_link_address(selector)
+            key = selector_key(selector)
+            if key in self.records:
+                continue
+            record = matching_import(standing, selector)
+            if record is None and self.check_mode:
+                self._act(name, "would import %s" % describe(selector))
+            elif record is None:
+                try:
+                    record = _usbip.ensure_import(selector["host"], selector["link_address"], _usb.device_fields(selector))
+                except _usbip.UsbipError as error:
+                    self.undo()
+                    where = "Domain %s: c" % name if name else "C"
+                    raise _usb.SelectorError("%sannot import %s: %s" % (where, describe(selector), error))
+                self.made.append(record)
+                self._act(name, "imported %s at vhci port %s" % (describe(selector), record.get("vhci_port")))
+            self.records[key] = record
+
+    def _act(self, name: str | None, action: str) -> None:
+        self.actions.append(action)
+        if name:
+            self.by_domain.setdefault(name, []).append(action)
+
+    def find_standing(self, selectors: list[dict]) -> None:
+        """Only look up the standing imports of the remote selectors (usb_detach imports nothing)."""
+        remote = [selector for selector in selectors if _usb.is_remote(selector)]
+        standing = standing_imports() if remote else []
+        for selector in remote:
+            record = matching_import(standing, selector)
+            if record is not None:
+                self.records[selector_key(selector)] = record
+
+    def record(self, selector: dict) -> dict | None:
+        return self.records.get(selector_key(selector))
+
+    def undo(self) -> None:
+        """Release the imports this run made, when the run fails after making them."""
+        for record in self.made:
+            _usbip.release_import(record["host"], record["link_address"], record["id"])
+        self.made = []
+
+    def release(self, records: list[dict]) -> None:
+        for record in records:
+            what = "%s from %s (%s)" % (record.get("id"), record.get("host"), record.get("link_address"))
+            if self.check_mode:
+                self.actions.append("would release the import of %s" % what)
+            elif _usbip.release_import(record["host"], record["link_address"], record["id"]):
+                self.actions.append("released the import of %s" % what)
+
+
+def local_device(devices: list[dict], record: dict, selector: dict) -> dict:
+    """The local USB device an import record stands for (at its local port, else by its id)."""
+    for field, wanted in (("port", record.get("local_port")), ("id", record.get("id"))):
+        found = [device for device in devices if wanted and device[field] == wanted]
+        if len(found) == 1:
+            return found[0]
+    raise _usb.SelectorError(
+        "%s is imported (vhci port %s) but is not a USB device of this host; see the journal of kvmhost-usb-agent"
+        % (describe(selector), record.get("vhci_port"))
+    )
+
+
+def unclaimed(records: list[dict], devices: list[dict], claimed: list[dict]) -> list[dict]:
+    """The import records whose local device no intent entry claims any more (dropped or detached everywhere)."""
+    found = []
+    for record in records:
+        try:
+            device = local_device(devices, record, {"host": record.get("host"), "link_address": record.get("link_address"), "id": record.get("id")})
+        except _usb.SelectorError:
+            device = None
+        if not any(device is not None and item is device for item in claimed) and not any(
+            item.get("absent") and item["id"] == record.get("id") for item in claimed
+        ):
+            found.append(record)
+    return found
