@@ -1,0 +1,124 @@
+# Copyright (c) 2026, kvmhost.usb contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+name: usb_exports
+short_description: The USB devices a KVM host exports to the others, computed from the whole inventory
+version_added: 0.2.0
+description:
+  - Reads C(usb_passthrough) of every other host of the inventory and returns the devices they declare with
+    C(host) naming this host, one export each, as M(kvmhost.usb.usb_export) takes them. The declared state of the
+    fleet stays one inventory; the R(kvmhost.usb.passthrough,ansible_collections.kvmhost.usb.passthrough_role) role calls it.
+  - An importer's address is its C(usb_link_address), else its C(ansible_host), else its inventory name.
+  - Also returns the conflicts the declaration has on this host, each a sentence naming the hosts and domains involved
+    - a device exported and also declared for a domain of this host, and a device declared by two importers
+    (or two domains).
+author:
+  - kvmhost.usb contributors
+options:
+  _input:
+    description: C(hostvars).
+    type: dict
+    required: true
+  host:
+    description: The exporting host, C(inventory_hostname).
+    type: str
+    required: true
+  hosts:
+    description: The hosts whose C(usb_passthrough) is read, C(groups['all']).
+    type: list
+    elements: str
+    required: true
+"""
+
+EXAMPLES = r"""
+- name: The devices kvm1 exports
+  ansible.builtin.set_fact:
+    exported: "{{ hostvars | kvmhost.usb.usb_exports(inventory_hostname, groups['all']) }}"
+"""
+
+RETURN = r"""
+_value:
+  description: The exports and the conflicts.
+  type: dict
+  contains:
+    exports:
+      description: >-
+        One per declared device, each C(selector) (its device fields, as the importer declared them), C(importer)
+        (inventory name), C(importer_address) and C(domain) (the importer's domain that gets it).
+      type: list
+      elements: dict
+    conflicts:
+      description: What contradicts itself, one sentence each; empty when nothing does.
+      type: list
+      elements: str
+"""
+
+from ansible.errors import AnsibleFilterError
+
+from ansible_collections.kvmhost.usb.plugins.module_utils import _usb
+from ansible_collections.kvmhost.usb.plugins.plugin_utils._inventory_hosts import link_address
+
+
+def _declared(hostvars, host):
+    try:
+        declared = hostvars[host].get("usb_passthrough") or {}
+    except KeyError:
+        return {}
+    if not isinstance(declared, dict):
+        raise AnsibleFilterError("usb_exports: usb_passthrough of %s must map domain names to settings, got %r" % (host, declared))
+    return declared
+
+
+def _selectors(settings):
+    devices = settings.get("devices") if isinstance(settings, dict) else None
+    return devices if isinstance(devices, list) else []
+
+
+def _device_key(selector):
+    """The selector's device fields, normalised, to compare two declarations of one device."""
+    try:
+        return tuple(sorted(_usb.device_fields(_usb.normalize_selector(selector)).items()))
+    except _usb.SelectorError as error:
+        raise AnsibleFilterError("usb_exports: %s" % error)
+
+
+def usb_exports(hostvars, host, hosts):
+    exports = []
+    conflicts = []
+    owners = {}
+    for importer in hosts:
+        if importer == host:
+            continue
+        for domain, settings in sorted(_declared(hostvars, importer).items()):
+            for selector in _selectors(settings):
+                if not isinstance(selector, dict) or str(selector.get("host") or "") != host:
+                    continue
+                fields = dict((key, value) for key, value in selector.items() if key not in _usb.REMOTE_FIELDS)
+                key = _device_key(fields)
+                if key in owners:
+                    conflicts.append(
+                        "Device (%s) on %s is declared for %s on %s and for %s on %s; one device goes to one VM."
+                        % (_usb.describe_selector(dict(key)), host, owners[key][1], owners[key][0], domain, importer)
+                    )
+                    continue
+                owners[key] = (importer, domain)
+                exports.append({"selector": fields, "importer": importer, "importer_address": link_address(hostvars, importer), "domain": str(domain)})
+    for domain, settings in sorted(_declared(hostvars, host).items()):
+        for selector in _selectors(settings):
+            if isinstance(selector, dict) and selector.get("host") and str(selector["host"]) != host:
+                continue
+            key = _device_key(selector)
+            if key in owners:
+                conflicts.append(
+                    "Device (%s) on %s is declared for its domain %s and exported to %s for %s; one device goes to one VM."
+                    % (_usb.describe_selector(dict(key)), host, domain, owners[key][0], owners[key][1])
+                )
+    return {"exports": exports, "conflicts": conflicts}
+
+
+class FilterModule:
+    def filters(self):
+        return {"usb_exports": usb_exports}
