@@ -11,15 +11,47 @@ imports nothing: a device not imported yet is planned as a stand-in, and the imp
 
 from __future__ import annotations
 
+import os
+
 from ansible_collections.kvmhost.usb.plugins.module_utils import _usb, _usbip
 
 
+# Tests keep the import records in a directory of their own; operators have no reason to.
+IMPORTS_DIR_ENV = "KVMHOST_USB_IMPORTS"
+
+
+def imports_dir() -> str | None:
+    return os.environ.get(IMPORTS_DIR_ENV) or None
+
+
 def standing_imports() -> list[dict]:
-    """This host's imports; none when USB/IP was never used here."""
+    """This host's imports; none when USB/IP was never used here (vhci-hcd not loaded)."""
     try:
-        return _usbip.imports()
+        return _usbip.imports(directory=imports_dir())
     except (OSError, _usbip.UsbipError):
         return []
+
+
+def exported_to(devices: list[dict]) -> dict:
+    """``{device id: {host, domain, address}}`` for the devices of this host the exports table exports."""
+    found = {}
+    for export in _usbip.read_exports().get("exports") or []:
+        try:
+            device = _usb.select_device(devices, _usb.normalize_selector(export.get("selector") or {}))
+        except _usb.SelectorError:
+            continue  # not plugged in: nothing to show
+        found[device["id"]] = {"host": export.get("importer"), "domain": export.get("domain"), "address": export.get("importer_address")}
+    return found
+
+
+def imported_from(devices: list[dict]) -> dict:
+    """``{device id: {host, link_address, busid}}`` for the devices this host imported."""
+    found = {}
+    for record in standing_imports():
+        for device in devices:
+            if record.get("local_port") and device["port"] == record["local_port"]:
+                found[device["id"]] = {"host": record.get("host"), "link_address": record.get("link_address"), "busid": record.get("busid")}
+    return found
 
 
 def selector_key(selector: dict) -> tuple:
@@ -75,12 +107,14 @@ def stand_in(selector: dict) -> dict:
 
 class Imports:
     """The imports one run needs: ``prepare`` imports every remote selector's device (check mode: finds the ones
-    standing), ``record(selector)`` is then its import record or None, ``actions`` what was (or would be) done."""
+    standing), ``record(selector)`` is then its import record or None; ``actions`` are the imports made (or that
+    would be), ``released`` the imports released at the end."""
 
     def __init__(self, check_mode: bool) -> None:
         self.check_mode = check_mode
         self.records = {}
         self.actions = []
+        self.released = []
         self.by_domain = {}
         self.made = []
 
@@ -101,7 +135,7 @@ class Imports:
                 self._act(name, "would import %s" % describe(selector))
             elif record is None:
                 try:
-                    record = _usbip.ensure_import(selector["host"], selector["link_address"], _usb.device_fields(selector))
+                    record = _usbip.ensure_import(selector["host"], selector["link_address"], _usb.device_fields(selector), directory=imports_dir())
                 except _usbip.UsbipError as error:
                     self.undo()
                     where = "Domain %s: c" % name if name else "C"
@@ -130,16 +164,16 @@ class Imports:
     def undo(self) -> None:
         """Release the imports this run made, when the run fails after making them."""
         for record in self.made:
-            _usbip.release_import(record["host"], record["link_address"], record["id"])
+            _usbip.release_import(record["host"], record["link_address"], record["id"], directory=imports_dir())
         self.made = []
 
     def release(self, records: list[dict]) -> None:
         for record in records:
             what = "%s from %s (%s)" % (record.get("id"), record.get("host"), record.get("link_address"))
             if self.check_mode:
-                self.actions.append("would release the import of %s" % what)
-            elif _usbip.release_import(record["host"], record["link_address"], record["id"]):
-                self.actions.append("released the import of %s" % what)
+                self.released.append("would release the import of %s" % what)
+            elif _usbip.release_import(record["host"], record["link_address"], record["id"], directory=imports_dir()):
+                self.released.append("released the import of %s" % what)
 
 
 def local_device(devices: list[dict], record: dict, selector: dict) -> dict:

@@ -397,7 +397,7 @@ class Planner:
     def result(self, steps: list[Step], started: list[Domain], imports: bool = True) -> dict:
         actions = [step.describe() for step in steps] + ["start %s" % domain.name for domain in started]
         if imports:
-            actions = self.imports.actions + actions
+            actions = self.imports.actions + actions + self.imports.released
         return {"changed": bool(actions), "actions": actions}
 
     # The operations

@@ -20,6 +20,9 @@ description:
     (for example C(0627:0001@1-2)). Characters of the serial other than letters, digits and C(. _ ~ -)
     are percent-encoded. A serial-based id follows the device into any port; a port-based id belongs
     to the port."
+  - Devices used across hosts (see the collection's C(docs/crosshost.md)) say so. On the exporting host, a device its
+    exports table (C(/etc/kvmhost-usb/exports.json), written by M(kvmhost.usb.usb_export)) exports has RV(ansible_facts.usb_devices[].exported_to);
+    on the consuming host, a device imported over USB/IP has RV(ansible_facts.usb_devices[].imported_from).
 author:
   - kvmhost.usb contributors (!UNKNOWN)
 extends_documentation_fragment:
@@ -27,6 +30,9 @@ extends_documentation_fragment:
   - kvmhost.usb.common.pyudev
   - kvmhost.usb.common.attributes
   - kvmhost.usb.common.facts
+notes:
+  - The environment variables E(KVMHOST_USB_EXPORTS) and E(KVMHOST_USB_IMPORTS) move the exports table and the
+    directory of import records (C(/run/kvmhost-usb/imports)); they exist for tests.
 attributes:
   check_mode:
     support: full
@@ -175,6 +181,38 @@ ansible_facts:
               description: Domains holding it in their persistent configuration.
               type: list
               elements: str
+        exported_to:
+          description: Null, or the host and domain this device is exported to over USB/IP, from the exports table.
+          type: dict
+          contains:
+            host:
+              description: Inventory name of the consuming host.
+              type: str
+              sample: kvm2
+            domain:
+              description: The consuming host's domain that gets the device.
+              type: str
+              sample: buildvm
+            address:
+              description: The consuming host's link address, the only peer the exporter serves the device to.
+              type: str
+              sample: 10.77.0.2
+        imported_from:
+          description: Null, or where this device was imported from over USB/IP (it is plugged into that host).
+          type: dict
+          contains:
+            host:
+              description: Inventory name of the exporting host.
+              type: str
+              sample: kvm1
+            link_address:
+              description: The exporting host's link address.
+              type: str
+              sample: 10.77.0.1
+            busid:
+              description: The device's port path (bus id) on the exporting host.
+              type: str
+              sample: 2-1
     usb_topology:
       description: The device tree like C(lsusb -t), hubs included, each node with its C(children).
       returned: always
@@ -231,7 +269,7 @@ ansible_facts:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _host, _hostconf, _libvirt, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils import _crosshost, _host, _hostconf, _libvirt, _usb, _usbip
 
 
 def main():
@@ -273,10 +311,22 @@ def main():
 
     listed = devices if module.params["include_hubs"] else model.candidates
     listed = _usb.filter_devices(listed, filters)
+    try:
+        exported = _crosshost.exported_to(model.candidates)
+    except _usbip.UsbipError as error:
+        module.warn("Not reporting exports: %s" % error)
+        exported = {}
+    imported = _crosshost.imported_from(model.candidates)
+    views = []
+    for device in listed:
+        view = model.device_view(device)
+        view["exported_to"] = exported.get(device["id"])
+        view["imported_from"] = imported.get(device["id"])
+        views.append(view)
     module.exit_json(
         changed=False,
         ansible_facts=dict(
-            usb_devices=[model.device_view(device) for device in listed],
+            usb_devices=views,
             usb_topology=topology,
             usb_domains=[model.domain_view(domain) for domain in model.domains],
             passthrough_enabled=_hostconf.passthrough_enabled(module.params["host_conf"]),

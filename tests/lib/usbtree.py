@@ -75,6 +75,9 @@ def render(devices):
     """The umockdev-record text for a list of devices."""
     blocks = []
     for device in devices:
+        if "vhci_ports" in device:
+            blocks.append(_vhci_block(device["vhci_ports"]))
+            continue
         port = device["port"]
         path = sysfs_path(port)
         bus = bus_of(port)
@@ -161,6 +164,34 @@ def _block_devices(path, port, block):
         for holder, holder_devno in holders:
             blocks.append(_block_device("/devices/virtual/block/%s" % holder, holder, holder_devno, "disk"))
     return blocks
+
+
+def vhci_hcd(ports):
+    """The vhci-hcd platform device of a host that imports over USB/IP, as the kernel shows it: ``ports`` maps a vhci
+    port number to the port path of the device imported there (the others are free), like ``usbip port`` lists them.
+    Its ``attach`` and ``detach`` files are plain files here, so a test reads back what was written to them."""
+    return {"vhci_ports": ports}
+
+
+def _vhci_block(ports):
+    lines = ["hub port sta spd dev      sockfd local_busid"]
+    for number in range(8):
+        local = ports.get(number)
+        if local:
+            lines.append("hs  %04d 006 003 %08x 000003 %s" % (number, (int(local.split("-")[0]) << 16) | 2, local))
+        else:
+            lines.append("hs  %04d 004 000 00000000 000000 0-0" % number)
+    return "\n".join(
+        [
+            "P: /devices/platform/vhci_hcd.0",
+            "E: DRIVER=vhci_hcd",
+            "E: SUBSYSTEM=platform",
+            "A: status=%s" % _escape("\n".join(lines) + "\n"),
+            "A: nports=8",
+            "A: attach=",
+            "A: detach=",
+        ]
+    )
 
 
 def _escape(value):

@@ -50,6 +50,8 @@ def test_reference_example_exact_facts():
             "is_hub": False,
             "sys_path": "/sys/devices/pci0000:00/0000:00:14.0/usb1/1-1",
             "attached_to": {"live": [], "persistent": []},
+            "exported_to": None,
+            "imported_from": None,
         },
         {
             "id": "0951:1666:E0D55EA5741AF160B9740A81",
@@ -71,6 +73,8 @@ def test_reference_example_exact_facts():
             "is_hub": False,
             "sys_path": "/sys/devices/pci0000:00/0000:00:14.0/usb2/2-1",
             "attached_to": {"live": [], "persistent": []},
+            "exported_to": None,
+            "imported_from": None,
         },
     ]
     assert result["passthrough_enabled"] is None

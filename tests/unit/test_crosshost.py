@@ -1,0 +1,293 @@
+"""Cross-host passthrough on the consuming and the exporting host's own side, in the unit tier: selectors with
+``host``, the action plugins resolving them from the inventory (a real ansible-playbook run under umockdev, against
+the run's own libvirtd), the planner with a device imported over USB/IP, usb_facts' exported_to / imported_from, and
+the exports the passthrough role computes from the whole inventory.
+
+An imported device is described to umockdev as the kernel shows it: a USB device on the vhci bus and the vhci-hcd
+platform device whose status lists the port it is imported at (tests.lib.usbtree.vhci_hcd); the import records are
+in a directory of the test's own. No USB/IP connection is made here: that, and two real hosts, are in
+tests/integration/test_crosshost_testhost.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.lib import usbtree
+from tests.lib.domains import URI
+from tests.lib.modrun import REPO, collection_root
+from tests.lib.usbtree import root_hub, vhci_hcd
+from tests.unit.passthrough_support import KINGSTON_ID, Domains, attach, detach, failed, hostdev, hostdevs, metadata
+from tests.unit.trees import KINGSTON, REFERENCE
+
+STICK_ID = "46f4:0001:KING0001"
+# The stick of kvm2 as kvm1 sees it once imported: a device on the vhci bus (3), at vhci port 0.
+IMPORTED_STICK = {
+    "port": "3-1",
+    "vendor_id": "46f4",
+    "product_id": "0001",
+    "devnum": 2,
+    "manufacturer": "QEMU",
+    "product": "QEMU USB HARDDRIVE",
+    "serial": "KING0001",
+    "speed": "480",
+    "device_class": "00",
+    "interfaces": [("08", "usb-storage")],
+}
+IMPORTING = tuple(REFERENCE) + (root_hub(3), IMPORTED_STICK, vhci_hcd({0: "3-1"}))
+REMOTE = {"host": "kvm2", "link_address": "10.77.0.2", "id": STICK_ID}
+RECORD = {"vhci_port": 0, "host": "kvm2", "link_address": "10.77.0.2", "port": 3240, "busid": "2-1", "id": STICK_ID}
+
+
+@pytest.fixture
+def imports_dir(tmp_path):
+    """The import records of this test: the stick imported from kvm2 at vhci port 0."""
+    directory = tmp_path / "imports"
+    directory.mkdir()
+    (directory / "0.json").write_text(json.dumps(RECORD))
+    return directory
+
+
+def env_of(imports_dir=None, exports=None):
+    env = {}
+    if imports_dir is not None:
+        env["KVMHOST_USB_IMPORTS"] = str(imports_dir)
+    if exports is not None:
+        env["KVMHOST_USB_EXPORTS"] = str(exports)
+    return env
+
+
+# Selectors with host, through the module alone
+
+
+@pytest.mark.parametrize(
+    "selector, fragments",
+    [
+        ({"host": "kvm 2", "id": STICK_ID}, ["Malformed host 'kvm 2'", "inventory name"]),
+        ({"host": "kvm2", "link_address": "10.77.0.2;reboot", "id": STICK_ID}, ["Malformed link_address"]),
+        ({"link_address": "10.77.0.2", "id": STICK_ID}, ["has a link_address but no host"]),
+        ({"host": "kvm2"}, ["Empty device selector"]),
+        ({"host": "kvm2", "id": STICK_ID}, ["names host kvm2 but no link_address", "usb_link_address"]),
+    ],
+)
+def test_malformed_remote_selector_fails_and_changes_nothing(domains, selector, fragments):
+    name = domains.define("xhost-bad")
+    before = domains.snapshot()
+    failed(attach({"domain": name, "devices": [selector]}), *fragments)
+    assert domains.snapshot() == before
+
+
+def test_check_mode_reports_the_import_it_would_make_and_changes_nothing(domains):
+    name = domains.define("xhost-check")
+    before = domains.snapshot()
+    result = attach({"domain": name, "devices": [REMOTE]}, check_mode=True)
+    assert result["rc"] == 0, result
+    assert result["changed"] is True
+    assert result["actions"][0] == "would import id=%s from kvm2 (10.77.0.2)" % STICK_ID
+    assert result["warnings"] == []
+    assert domains.snapshot() == before
+
+
+def test_imported_device_is_attached_and_recorded_with_its_host_then_detached_and_released(domains, imports_dir):
+    name = domains.define("xhost-attach")
+    env = env_of(imports_dir)
+    done = attach({"domain": name, "devices": [REMOTE]}, IMPORTING, env=env)
+    assert done["rc"] == 0, done
+    # The import stood already (the agent or an earlier run made it): nothing imported, the local device attached.
+    assert not [action for action in done["actions"] if "import" in action]
+    assert hostdevs(domains.inactive(name)) == [hostdev("46f4", "0001")]
+    assert (
+        'id="%s" serial="KING0001" port="3-1" address="003:002" host="kvm2" link_address="10.77.0.2">\n' % STICK_ID
+        in metadata(domains.inactive(name))
+    )
+    assert '<kvmhost-usb:selector id="%s" host="kvm2"/>' % STICK_ID in metadata(domains.inactive(name))
+    again = attach({"domain": name, "devices": [REMOTE]}, IMPORTING, env=env)
+    assert (again["rc"], again["changed"]) == (0, False), again
+
+    gone = detach({"domain": name, "devices": [REMOTE]}, IMPORTING, env=env, check_mode=True)
+    assert gone["actions"][-1] == "would release the import of %s from kvm2 (10.77.0.2)" % STICK_ID
+    assert (imports_dir / "0.json").exists()
+    gone = detach({"domain": name, "devices": [REMOTE]}, IMPORTING, env=env)
+    assert gone["rc"] == 0, gone
+    assert hostdevs(domains.inactive(name)) == []
+    assert metadata(domains.inactive(name)) is None
+    assert gone["actions"][-1] == "released the import of %s from kvm2 (10.77.0.2)" % STICK_ID
+    assert not (imports_dir / "0.json").exists()
+
+
+def test_local_selector_never_chooses_an_imported_device_by_its_host_fields(domains, imports_dir):
+    """A selector naming kvm3 is not satisfied by the stick imported from kvm2, even with the same id."""
+    name = domains.define("xhost-other")
+    before = domains.snapshot()
+    result = attach({"domain": name, "devices": [dict(REMOTE, host="kvm3", link_address="10.77.0.3")]}, IMPORTING, env=env_of(imports_dir))
+    # Nothing imported from kvm3 and no exporter there: the import fails naming the host and the domain.
+    failed(result, "Domain %s: cannot import id=%s from kvm3 (10.77.0.3)" % (name, STICK_ID))
+    assert domains.snapshot() == before
+
+
+def test_converge_drops_an_imported_device_no_longer_declared_and_releases_its_import(domains, imports_dir):
+    name = domains.define("xhost-drop")
+    env = env_of(imports_dir)
+    declared = {name: {"devices": [REMOTE]}}
+    from tests.lib.modrun import run_module
+
+    assert run_module("usb_passthrough", {"domains": declared}, IMPORTING, env=env)["rc"] == 0
+    assert hostdevs(domains.inactive(name)) == [hostdev("46f4", "0001")]
+    again = run_module("usb_passthrough", {"domains": declared}, IMPORTING, env=env)
+    assert (again["rc"], again["changed"]) == (0, False), again
+    dropped = run_module("usb_passthrough", {"domains": {name: {"devices": []}}}, IMPORTING, env=env)
+    assert dropped["rc"] == 0, dropped
+    assert hostdevs(domains.inactive(name)) == []
+    assert dropped["actions"][-1] == "released the import of %s from kvm2 (10.77.0.2)" % STICK_ID
+    assert not (imports_dir / "0.json").exists()
+
+
+# usb_facts
+
+
+def test_facts_show_the_exported_and_the_imported_devices(tmp_path, imports_dir):
+    from tests.lib.modrun import run_module
+
+    exports = tmp_path / "exports.json"
+    exports.write_text(
+        json.dumps(
+            {
+                "listen": "10.77.0.1",
+                "port": 3240,
+                "exports": [{"id": KINGSTON_ID, "selector": {"id": KINGSTON_ID}, "importer": "kvm2", "importer_address": "10.77.0.2", "domain": "buildvm"}],
+            }
+        )
+    )
+    result = run_module("usb_facts", {"host_conf": "/nonexistent"}, IMPORTING, env=env_of(imports_dir, exports))
+    assert result["rc"] == 0, result
+    devices = dict((device["id"], device) for device in result["ansible_facts"]["usb_devices"])
+    assert devices[KINGSTON_ID]["exported_to"] == {"host": "kvm2", "domain": "buildvm", "address": "10.77.0.2"}
+    assert devices[KINGSTON_ID]["imported_from"] is None
+    assert devices[STICK_ID]["imported_from"] == {"host": "kvm2", "link_address": "10.77.0.2", "busid": "2-1"}
+    assert devices[STICK_ID]["exported_to"] is None
+    assert devices["0627:0001:42"]["exported_to"] is None
+
+
+# The action plugins and the role, through ansible-playbook
+
+
+def run_playbook(tmp_path, hosts, tasks, *options, devices=REFERENCE, env=None, play_hosts="kvm1", roles=()):
+    """A playbook of ``tasks`` (or ``roles``) on ``play_hosts`` of an inventory of ``hosts`` (name to host vars; every
+    host connects locally), run under umockdev with ``devices``."""
+    tree = tmp_path / "tree.umockdev"
+    tree.write_text(usbtree.render(devices))
+    inventory = tmp_path / "inventory.yml"
+    defaults = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, "usb_passthrough_agent": False, "usb_passthrough_uri": URI}
+    inventory.write_text(yaml.safe_dump({"all": {"hosts": dict((name, dict(defaults, **variables)) for name, variables in hosts.items())}}))
+    play = {"name": "cross-host", "hosts": play_hosts, "gather_facts": False}
+    if roles:
+        play["roles"] = list(roles)
+    else:
+        play["tasks"] = tasks
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(yaml.safe_dump([play], sort_keys=False))
+    command = ["umockdev-run", "-d", str(tree), "--", os.path.join(os.path.dirname(sys.executable), "ansible-playbook")]
+    command += ["-i", str(inventory), str(playbook)] + list(options)
+    run_env = dict(
+        os.environ,
+        ANSIBLE_COLLECTIONS_PATH=collection_root(),
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_STDOUT_CALLBACK="ansible.builtin.default",
+        ANSIBLE_LOCALHOST_WARNING="0",
+        **(env or {}),
+    )
+    return subprocess.run(command, capture_output=True, text=True, env=run_env, timeout=600, check=False, cwd=REPO)
+
+
+def registered(name):
+    return {"ansible.builtin.debug": {"var": name}}
+
+
+def shown_var(process, name):
+    """The value a debug var task printed for ``name`` on kvm1."""
+    body = process.stdout.split("ok: [kvm1] => ", 1)[1].split("\n\n", 1)[0]
+    return yaml.safe_load(body)[name]
+
+
+FLEET = {
+    "kvm1": {},
+    "kvm2": {"usb_link_address": "10.77.0.2", "ansible_host": "192.0.2.2"},
+    "kvm3": {"ansible_host": "127.0.0.3"},
+    "kvm4": {},
+}
+
+
+@pytest.mark.parametrize(
+    "host, address",
+    [("kvm2", "10.77.0.2"), ("kvm3", "127.0.0.3"), ("kvm4", "kvm4")],
+)
+def test_action_plugin_fills_link_address_from_the_inventory(tmp_path, domains, host, address):
+    name = domains.define("xhost-inv")
+    before = domains.snapshot()
+    task = {"kvmhost.usb.usb_attach": {"domain": name, "devices": [{"host": host, "id": STICK_ID}], "uri": URI}, "register": "result"}
+    process = run_playbook(tmp_path, FLEET, [task, registered("result.actions")], "--check")
+    assert process.returncode == 0, process.stdout + process.stderr
+    assert shown_var(process, "result.actions")[0] == "would import id=%s from %s (%s)" % (STICK_ID, host, address)
+    assert domains.snapshot() == before
+
+
+def test_action_plugin_makes_a_selector_naming_the_managed_host_local(tmp_path, domains):
+    name = domains.define("xhost-self")
+    task = {"kvmhost.usb.usb_attach": {"domain": name, "devices": [{"host": "kvm1", "id": KINGSTON_ID}], "uri": URI}}
+    process = run_playbook(tmp_path, FLEET, [task])
+    assert process.returncode == 0, process.stdout + process.stderr
+    assert hostdevs(domains.inactive(name)) == [hostdev("0951", "1666")]
+    assert 'host="' not in metadata(domains.inactive(name))
+
+
+def test_action_plugin_fails_for_a_host_not_in_the_inventory(tmp_path, domains):
+    name = domains.define("xhost-unknown")
+    before = domains.snapshot()
+    task = {"kvmhost.usb.usb_passthrough": {"domains": {name: {"devices": [{"host": "kvm9", "id": STICK_ID}]}}, "uri": URI}}
+    process = run_playbook(tmp_path, FLEET, [task])
+    assert process.returncode != 0
+    assert "Domain %s: host kvm9 is not in the inventory" % name in process.stdout, process.stdout
+    assert domains.snapshot() == before
+
+
+def test_exports_are_computed_from_every_host_of_the_inventory(tmp_path):
+    hosts = {
+        "kvm1": {"usb_link_address": "10.77.0.1"},
+        "kvm2": {"usb_link_address": "10.77.0.2", "usb_passthrough": {"buildvm": {"devices": [{"host": "kvm1", "id": KINGSTON_ID}, "0627:0001"]}}},
+        "kvm3": {"ansible_host": "127.0.0.3", "usb_passthrough": {"testvm": {"devices": [{"host": "kvm1", "vendor_id": "0627", "product_id": "0001"}]}}},
+        "kvm4": {"usb_passthrough": {"other": {"devices": [{"host": "kvm2", "id": STICK_ID}]}}},
+    }
+    task = {"ansible.builtin.set_fact": {"exported": "{{ hostvars | kvmhost.usb.usb_exports(inventory_hostname, groups['all']) }}"}}
+    process = run_playbook(tmp_path, hosts, [task, registered("exported")])
+    assert process.returncode == 0, process.stdout + process.stderr
+    assert shown_var(process, "exported") == {
+        "exports": [
+            {"selector": {"id": KINGSTON_ID}, "importer": "kvm2", "importer_address": "10.77.0.2", "domain": "buildvm"},
+            {"selector": {"vendor_id": "0627", "product_id": "0001"}, "importer": "kvm3", "importer_address": "127.0.0.3", "domain": "testvm"},
+        ],
+        "conflicts": [],
+    }
+
+
+def test_role_refuses_a_device_declared_here_and_exported_naming_both(tmp_path, domains):
+    name = domains.define("xhost-twice")
+    before = domains.snapshot()
+    hosts = {
+        "kvm1": {"usb_passthrough": {name: {"devices": [KINGSTON_ID]}}},
+        "kvm2": {"usb_link_address": "10.77.0.2", "usb_passthrough": {"buildvm": {"devices": [{"host": "kvm1", "id": KINGSTON_ID}]}}},
+        "kvm3": {"usb_passthrough": {"testvm": {"devices": [{"host": "kvm1", "id": KINGSTON_ID}]}}},
+    }
+    process = run_playbook(tmp_path, hosts, None, "--check", roles=["kvmhost.usb.passthrough"])
+    assert process.returncode != 0
+    assert (
+        "Device (id=%s) on kvm1 is declared for buildvm on kvm2 and for testvm on kvm3; one device goes to one VM." % KINGSTON_ID
+        in process.stdout
+    ), process.stdout
+    assert "Device (id=%s) on kvm1 is declared for its domain %s and exported to kvm2 for buildvm" % (KINGSTON_ID, name) in process.stdout
+    assert domains.snapshot() == before
