@@ -13,9 +13,11 @@ class ActionModule(SelectorHostsAction):
         domains = args.get("domains")
         if isinstance(domains, dict):
             args["domains"] = dict(
-                (name, dict(settings, devices=resolve_devices(settings.get("devices"), hostvars, current, "Domain %s" % name)))
-                if isinstance(settings, dict) and "devices" in settings
-                else (name, settings)
+                (
+                    (name, dict(settings, devices=resolve_devices(settings.get("devices"), hostvars, current, "Domain %s" % name)))
+                    if isinstance(settings, dict) and "devices" in settings
+                    else (name, settings)
+                )
                 for name, settings in domains.items()
             )
         return args

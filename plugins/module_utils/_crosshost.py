@@ -15,7 +15,6 @@ import os
 
 from ansible_collections.kvmhost.usb.plugins.module_utils import _usb, _usbip
 
-
 # Tests keep the import records in a directory of their own; operators have no reason to.
 IMPORTS_DIR_ENV = "KVMHOST_USB_IMPORTS"
 
@@ -62,7 +61,8 @@ def require_link_address(selector: dict) -> None:
     if not selector.get("link_address"):
         raise _usb.SelectorError(
             "Selector (%s) names host %s but no link_address. The modules get it from the inventory through their action"
-            " plugin (usb_link_address or ansible_host of %s); ad hoc, give link_address too." % (_usb.describe_selector(selector), selector["host"], selector["host"])
+            " plugin (usb_link_address or ansible_host of %s); ad hoc, give link_address too."
+            % (_usb.describe_selector(selector), selector["host"], selector["host"])
         )
 
 

@@ -35,8 +35,7 @@ def resolve_selector(selector: Any, hostvars: Any, current: str, where: str) -> 
         return dict((key, value) for key, value in selector.items() if key not in ("host", "link_address"))
     if host not in hostvars:
         raise AnsibleActionFail(
-            "%s: host %s is not in the inventory. A selector's host is the inventory name of the KVM host the device is plugged into."
-            % (where, host)
+            "%s: host %s is not in the inventory. A selector's host is the inventory name of the KVM host the device is plugged into." % (where, host)
         )
     resolved = dict(selector)
     if not resolved.get("link_address"):

@@ -21,10 +21,10 @@ import yaml
 
 from tests.lib import usbtree
 from tests.lib.domains import URI
-from tests.lib.modrun import REPO, collection_root
+from tests.lib.modrun import REPO, collection_root, run_module
 from tests.lib.usbtree import root_hub, vhci_hcd
-from tests.unit.passthrough_support import KINGSTON_ID, Domains, attach, detach, failed, hostdev, hostdevs, metadata
-from tests.unit.trees import KINGSTON, REFERENCE
+from tests.unit.passthrough_support import KINGSTON_ID, attach, detach, failed, hostdev, hostdevs, metadata
+from tests.unit.trees import REFERENCE
 
 STICK_ID = "46f4:0001:KING0001"
 # The stick of kvm2 as kvm1 sees it once imported: a device on the vhci bus (3), at vhci port 0.
@@ -102,10 +102,7 @@ def test_imported_device_is_attached_and_recorded_with_its_host_then_detached_an
     # The import stood already (the agent or an earlier run made it): nothing imported, the local device attached.
     assert not [action for action in done["actions"] if "import" in action]
     assert hostdevs(domains.inactive(name)) == [hostdev("46f4", "0001")]
-    assert (
-        'id="%s" serial="KING0001" port="3-1" address="003:002" host="kvm2" link_address="10.77.0.2">\n' % STICK_ID
-        in metadata(domains.inactive(name))
-    )
+    assert 'id="%s" serial="KING0001" port="3-1" address="003:002" host="kvm2" link_address="10.77.0.2">\n' % STICK_ID in metadata(domains.inactive(name))
     assert '<kvmhost-usb:selector id="%s" host="kvm2"/>' % STICK_ID in metadata(domains.inactive(name))
     again = attach({"domain": name, "devices": [REMOTE]}, IMPORTING, env=env)
     assert (again["rc"], again["changed"]) == (0, False), again
@@ -135,8 +132,6 @@ def test_converge_drops_an_imported_device_no_longer_declared_and_releases_its_i
     name = domains.define("xhost-drop")
     env = env_of(imports_dir)
     declared = {name: {"devices": [REMOTE]}}
-    from tests.lib.modrun import run_module
-
     assert run_module("usb_passthrough", {"domains": declared}, IMPORTING, env=env)["rc"] == 0
     assert hostdevs(domains.inactive(name)) == [hostdev("46f4", "0001")]
     again = run_module("usb_passthrough", {"domains": declared}, IMPORTING, env=env)
@@ -152,8 +147,6 @@ def test_converge_drops_an_imported_device_no_longer_declared_and_releases_its_i
 
 
 def test_facts_show_the_exported_and_the_imported_devices(tmp_path, imports_dir):
-    from tests.lib.modrun import run_module
-
     exports = tmp_path / "exports.json"
     exports.write_text(
         json.dumps(
@@ -177,7 +170,7 @@ def test_facts_show_the_exported_and_the_imported_devices(tmp_path, imports_dir)
 # The action plugins and the role, through ansible-playbook
 
 
-def run_playbook(tmp_path, hosts, tasks, *options, devices=REFERENCE, env=None, play_hosts="kvm1", roles=()):
+def run_playbook(tmp_path, hosts, tasks, *options, devices=tuple(REFERENCE), env=None, play_hosts="kvm1", roles=()):
     """A playbook of ``tasks`` (or ``roles``) on ``play_hosts`` of an inventory of ``hosts`` (name to host vars; every
     host connects locally), run under umockdev with ``devices``."""
     tree = tmp_path / "tree.umockdev"
@@ -286,8 +279,7 @@ def test_role_refuses_a_device_declared_here_and_exported_naming_both(tmp_path, 
     process = run_playbook(tmp_path, hosts, None, "--check", roles=["kvmhost.usb.passthrough"])
     assert process.returncode != 0
     assert (
-        "Device (id=%s) on kvm1 is declared for buildvm on kvm2 and for testvm on kvm3; one device goes to one VM." % KINGSTON_ID
-        in process.stdout
+        "Device (id=%s) on kvm1 is declared for buildvm on kvm2 and for testvm on kvm3; one device goes to one VM." % KINGSTON_ID in process.stdout
     ), process.stdout
     assert "Device (id=%s) on kvm1 is declared for its domain %s and exported to kvm2 for buildvm" % (KINGSTON_ID, name) in process.stdout
     assert domains.snapshot() == before
