@@ -12,9 +12,9 @@ description:
     C(host) naming this host, one export each, as M(kvmhost.usb.usb_export) takes them. The declared state of the
     fleet stays one inventory; the R(kvmhost.usb.passthrough,ansible_collections.kvmhost.usb.passthrough_role) role calls it.
   - An importer's address is its C(usb_link_address), else its C(ansible_host), else its inventory name.
-  - Also returns the conflicts the declaration has on this host, each a sentence naming the hosts and domains involved
-    - a device exported and also declared for a domain of this host, and a device declared by two importers
-    (or two domains).
+  - Also returns the conflicts of the whole declaration, each a sentence naming the hosts and domains involved
+    - a device exported and also declared for a domain of its own host, and a device declared by two importers
+    (or two domains). They are the fleet's, not only this host's, so that every host can refuse to change anything.
 author:
   - kvmhost.usb contributors
 options:
@@ -85,7 +85,7 @@ def _device_key(selector):
         raise AnsibleFilterError("usb_exports: %s" % error)
 
 
-def usb_exports(hostvars, host, hosts):
+def _exports_of(hostvars, host, hosts):
     exports = []
     conflicts = []
     owners = {}
@@ -116,6 +116,16 @@ def usb_exports(hostvars, host, hosts):
                     "Device (%s) on %s is declared for its domain %s and exported to %s for %s; one device goes to one VM."
                     % (_usb.describe_selector(dict(key)), host, domain, owners[key][0], owners[key][1])
                 )
+    return exports, conflicts
+
+
+def usb_exports(hostvars, host, hosts):
+    """The exports of ``host``, and the conflicts of every host of ``hosts``: a declaration that contradicts itself
+    anywhere in the fleet stops every host before anything changes, not only the exporting one."""
+    exports, conflicts = _exports_of(hostvars, host, hosts)
+    for other in hosts:
+        if other != host:
+            conflicts.extend(_exports_of(hostvars, other, hosts)[1])
     return {"exports": exports, "conflicts": conflicts}
 
 

@@ -590,10 +590,12 @@ class Planner:
         """A device imported from another host stays only while declared: the export on that host follows the
         same declaration. An intent entry with ``host`` that the declaration no longer gives its domain leaves it."""
         for domain in self.model.domains:
-            kept = [_device_key(device) for _selector, device in wanted.get(domain, ({}, []))[1]]
+            resolved = wanted.get(domain, ({}, []))[1]
+            kept = [_device_key(device) for _selector, device in resolved]
+            selectors = [_usb.recorded_selector(selector) for selector, _device in resolved]
             for config in list(domain.configs.values()):
                 for entry in list(config.intent):
-                    if entry.get("host") and self._entry_key(entry) not in kept:
+                    if entry.get("host") and self._entry_key(entry) not in kept and entry["selector"] not in selectors:
                         device = self.model.find(entry)
                         self.plan_detach(domain, device if device is not None else _host.absent_device(entry["id"]))
 

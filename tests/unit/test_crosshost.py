@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -276,10 +277,34 @@ def test_role_refuses_a_device_declared_here_and_exported_naming_both(tmp_path, 
         "kvm2": {"usb_link_address": "10.77.0.2", "usb_passthrough": {"buildvm": {"devices": [{"host": "kvm1", "id": KINGSTON_ID}]}}},
         "kvm3": {"usb_passthrough": {"testvm": {"devices": [{"host": "kvm1", "id": KINGSTON_ID}]}}},
     }
-    process = run_playbook(tmp_path, hosts, None, "--check", roles=["kvmhost.usb.passthrough"])
+    process = run_playbook(tmp_path, hosts, None, "--check", roles=["kvmhost.usb.passthrough"], play_hosts="all")
     assert process.returncode != 0
+    # Every host refuses, the importers too: nothing changes anywhere.
+    assert sorted(re.findall(r"^fatal: \[(\w+)\]", process.stdout, re.M)) == ["kvm1", "kvm2", "kvm3"], process.stdout
     assert (
         "Device (id=%s) on kvm1 is declared for buildvm on kvm2 and for testvm on kvm3; one device goes to one VM." % KINGSTON_ID in process.stdout
     ), process.stdout
     assert "Device (id=%s) on kvm1 is declared for its domain %s and exported to kvm2 for buildvm" % (KINGSTON_ID, name) in process.stdout
+    assert domains.snapshot() == before
+
+
+def reported(process, host):
+    """What the passthrough role's "Report what changed" printed for ``host``."""
+    block = process.stdout.split("TASK [kvmhost.usb.passthrough : Report what changed]", 1)[1]
+    body = block.split("ok: [%s] => " % host, 1)[1].split("\n}\n", 1)[0] + "\n}"
+    return yaml.safe_load(body)["msg"]
+
+
+def test_role_in_check_mode_reports_the_export_and_the_import_and_changes_nothing(tmp_path, domains):
+    name = domains.define("xhost-role")
+    before = domains.snapshot()
+    hosts = {
+        "kvm1": {"usb_link_address": "10.77.0.1", "usb_passthrough_exports_path": str(tmp_path / "exports.json")},
+        "kvm2": {"usb_link_address": "10.77.0.2", "usb_passthrough": {name: {"devices": [{"host": "kvm1", "id": KINGSTON_ID}]}}},
+    }
+    process = run_playbook(tmp_path, hosts, None, "--check", roles=["kvmhost.usb.passthrough"], play_hosts="all")
+    assert process.returncode == 0, process.stdout + process.stderr
+    assert reported(process, "kvm2") == {name: ["would import id=%s from kvm1 (10.77.0.1)" % KINGSTON_ID, "record the intent of %s (persistent): %s" % (name, KINGSTON_ID)]}
+    assert list(reported(process, "kvm1")) == ["exports to other hosts"]
+    assert not (tmp_path / "exports.json").exists()
     assert domains.snapshot() == before
