@@ -304,7 +304,9 @@ def test_role_in_check_mode_reports_the_export_and_the_import_and_changes_nothin
     }
     process = run_playbook(tmp_path, hosts, None, "--check", roles=["kvmhost.usb.passthrough"], play_hosts="all")
     assert process.returncode == 0, process.stdout + process.stderr
-    assert reported(process, "kvm2") == {name: ["would import id=%s from kvm1 (10.77.0.1)" % KINGSTON_ID, "record the intent of %s (persistent): %s" % (name, KINGSTON_ID)]}
+    assert reported(process, "kvm2") == {
+        name: ["would import id=%s from kvm1 (10.77.0.1)" % KINGSTON_ID, "record the intent of %s (persistent): %s" % (name, KINGSTON_ID)]
+    }
     assert list(reported(process, "kvm1")) == ["exports to other hosts"]
     assert not (tmp_path / "exports.json").exists()
     assert domains.snapshot() == before
