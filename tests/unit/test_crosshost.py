@@ -177,7 +177,14 @@ def run_playbook(tmp_path, hosts, tasks, *options, devices=tuple(REFERENCE), env
     tree = tmp_path / "tree.umockdev"
     tree.write_text(usbtree.render(devices))
     inventory = tmp_path / "inventory.yml"
-    defaults = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, "usb_passthrough_agent": False, "usb_passthrough_uri": URI}
+    # No reattach agent and no exporter service here: this machine has no systemd (they run on the test hosts).
+    defaults = {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": sys.executable,
+        "usb_passthrough_agent": False,
+        "usb_passthrough_exporter": False,
+        "usb_passthrough_uri": URI,
+    }
     inventory.write_text(yaml.safe_dump({"all": {"hosts": dict((name, dict(defaults, **variables)) for name, variables in hosts.items())}}))
     play = {"name": "cross-host", "hosts": play_hosts, "gather_facts": False}
     if roles:
@@ -299,14 +306,15 @@ def test_role_in_check_mode_reports_the_export_and_the_import_and_changes_nothin
     name = domains.define("xhost-role")
     before = domains.snapshot()
     hosts = {
-        "kvm1": {"usb_link_address": "10.77.0.1", "usb_passthrough_exports_path": str(tmp_path / "exports.json")},
+        "kvm1": {"usb_link_address": "10.77.0.1"},
         "kvm2": {"usb_link_address": "10.77.0.2", "usb_passthrough": {name: {"devices": [{"host": "kvm1", "id": KINGSTON_ID}]}}},
     }
-    process = run_playbook(tmp_path, hosts, None, "--check", roles=["kvmhost.usb.passthrough"], play_hosts="all")
+    exports = tmp_path / "exports.json"
+    process = run_playbook(tmp_path, hosts, None, "--check", roles=["kvmhost.usb.passthrough"], play_hosts="all", env={"KVMHOST_USB_EXPORTS": str(exports)})
     assert process.returncode == 0, process.stdout + process.stderr
     assert reported(process, "kvm2") == {
         name: ["would import id=%s from kvm1 (10.77.0.1)" % KINGSTON_ID, "record the intent of %s (persistent): %s" % (name, KINGSTON_ID)]
     }
-    assert list(reported(process, "kvm1")) == ["exports to other hosts"]
-    assert not (tmp_path / "exports.json").exists()
+    assert reported(process, "kvm1") == {"exports to other hosts": ["export %s to kvm2 (10.77.0.2) for %s" % (KINGSTON_ID, name)]}
+    assert not exports.exists()
     assert domains.snapshot() == before
