@@ -46,8 +46,8 @@ _value:
   contains:
     exports:
       description: >-
-        One per declared device, each C(selector) (its device fields, as the importer declared them), C(importer)
-        (inventory name), C(importer_address) and C(domain) (the importer's domain that gets it).
+        One per declared device: the selector's device fields as the importer declared them (C(id), C(vendor_id), ...)
+        with C(importer) (inventory name), C(importer_address) and C(domain) (the importer's domain that gets it).
       type: list
       elements: dict
     conflicts:
@@ -105,7 +105,7 @@ def _exports_of(hostvars, host, hosts):
                     )
                     continue
                 owners[key] = (importer, domain)
-                exports.append({"selector": fields, "importer": importer, "importer_address": link_address(hostvars, importer), "domain": str(domain)})
+                exports.append(dict(fields, importer=importer, importer_address=link_address(hostvars, importer), domain=str(domain)))
     for domain, settings in sorted(_declared(hostvars, host).items()):
         for selector in _selectors(settings):
             if isinstance(selector, dict) and selector.get("host") and str(selector["host"]) != host:

@@ -269,8 +269,8 @@ def test_exports_are_computed_from_every_host_of_the_inventory(tmp_path):
     assert process.returncode == 0, process.stdout + process.stderr
     assert shown_var(process, "exported") == {
         "exports": [
-            {"selector": {"id": KINGSTON_ID}, "importer": "kvm2", "importer_address": "10.77.0.2", "domain": "buildvm"},
-            {"selector": {"vendor_id": "0627", "product_id": "0001"}, "importer": "kvm3", "importer_address": "127.0.0.3", "domain": "testvm"},
+            {"id": KINGSTON_ID, "importer": "kvm2", "importer_address": "10.77.0.2", "domain": "buildvm"},
+            {"vendor_id": "0627", "product_id": "0001", "importer": "kvm3", "importer_address": "127.0.0.3", "domain": "testvm"},
         ],
         "conflicts": [],
     }
