@@ -28,6 +28,8 @@ description:
     same device to two domains at the same time cannot both succeed.
   - Changes are made live first, then in the persistent configuration, then in the intent; when libvirt
     or QEMU refuses a step, the steps already made are undone and libvirt's message is reported.
+  - A selector with C(host) chooses a device of another KVM host, imported over USB/IP first (see the notes); when the
+    run fails afterwards, the imports it made are released again.
 author:
   - kvmhost.usb contributors (!UNKNOWN)
 extends_documentation_fragment:

@@ -17,6 +17,8 @@ description:
   - The device leaves the running domain, its persistent configuration and the intent recorded in its
     C(<metadata>). Without O(domain) it leaves whichever domains hold it.
   - Detaching a device that is not attached changes nothing and is not an error.
+  - A device imported from another KVM host (a selector with C(host)) is detached the same way, and its USB/IP import
+    is released once no domain of the host claims it any more.
   - Changes are made live first, then in the persistent configuration, then in the intent; when libvirt
     refuses a step, the steps already made are undone and libvirt's message is reported.
 author:

@@ -26,6 +26,9 @@ description:
     entries record the device's serial, port and bound address beside its id, so a twin with the same serial
     plugged in beside a held device never takes its place, and a persistent hostdev that stops designating
     exactly one device is pinned to its address again.
+  - A device declared with C(host) is imported from that host over USB/IP before the plan (see the notes). It stays only
+    while declared; an intent entry of an imported device that the declaration no longer names is detached from its
+    domain, and an import no domain claims any more is released.
   - Check mode is the probe, like Cloudpods' C(host-probe-isolated-devices). It changes nothing and returns
     RV(drift) and the RV(actions) a run would make.
 author:
