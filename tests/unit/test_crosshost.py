@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -119,14 +120,28 @@ def test_imported_device_is_attached_and_recorded_with_its_host_then_detached_an
     assert not (imports_dir / "0.json").exists()
 
 
-def test_local_selector_never_chooses_an_imported_device_by_its_host_fields(domains, imports_dir):
-    """A selector naming kvm3 is not satisfied by the stick imported from kvm2, even with the same id."""
+@pytest.fixture
+def no_exporter():
+    """127.0.0.1:3240 (the USB/IP port) bound by the test and not listening: a connection there is refused at once, as
+    from a host whose exporter is down. Only loopback is used."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", 3240))
+        except OSError as error:
+            pytest.fail("127.0.0.1:3240 is in use on this machine (%s); the test needs it unanswered" % error)
+        yield "127.0.0.1"
+
+
+def test_another_hosts_selector_never_takes_an_imported_device_and_an_unreachable_exporter_fails_naming_host_and_domain(domains, imports_dir, no_exporter):
+    """A selector naming kvm3 is not satisfied by the stick imported from kvm2, even with the same id: it is imported
+    from kvm3, whose exporter does not answer; the error names the host and the domain, and nothing changed."""
     name = domains.define("xhost-other")
     before = domains.snapshot()
-    result = attach({"domain": name, "devices": [dict(REMOTE, host="kvm3", link_address="10.77.0.3")]}, IMPORTING, env=env_of(imports_dir))
-    # Nothing imported from kvm3 and no exporter there: the import fails naming the host and the domain.
-    failed(result, "Domain %s: cannot import id=%s from kvm3 (10.77.0.3)" % (name, STICK_ID))
+    result = attach({"domain": name, "devices": [dict(REMOTE, host="kvm3", link_address=no_exporter)]}, IMPORTING, env=env_of(imports_dir))
+    msg = failed(result, "Domain %s: cannot import id=%s from kvm3 (127.0.0.1): " % (name, STICK_ID))
+    assert "connection refused" in msg, msg
     assert domains.snapshot() == before
+    assert (imports_dir / "0.json").exists()
 
 
 def test_converge_drops_an_imported_device_no_longer_declared_and_releases_its_import(domains, imports_dir):
