@@ -15,7 +15,6 @@ graphics passwords) and written back with one ``defineXML``:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import re
@@ -472,7 +471,7 @@ def run(conn, domain_name, request, check_mode):
     if not domain.isPersistent():
         raise ControllerError("Domain %s is transient: it has no persistent definition whose USB controller could be changed" % domain_name)
     # One writer at a time per host: usb_attach changes the same definitions.
-    with contextlib.nullcontext() if check_mode else _passthrough.host_lock():
+    with _passthrough.maybe_lock(check_mode):
         # With secrets, so that the definition written back keeps graphics and other passwords.
         flags = _libvirt.libvirt.VIR_DOMAIN_XML_INACTIVE | _libvirt.libvirt.VIR_DOMAIN_XML_SECURE
         plan_ = plan(domain.XMLDesc(flags), request)

@@ -219,8 +219,8 @@ class HostModel:
 
         One that designates exactly that device does. One that designates several devices (vendor:product
         without address, twins present) or none (an address left by a replug) stands for a device of its
-        vendor:product that the configuration's intent means, or, when the intent means none of that
-        vendor:product, for any of them."""
+        vendor:product that has no hostdev of its own there and that the configuration's intent means, or,
+        when the intent means none of that vendor:product, for any of them."""
         found = self.designates(hostdev)
         if found:
             if device not in found:
@@ -228,6 +228,9 @@ class HostModel:
             if len(found) == 1:
                 return True
         elif vendor_product(hostdev) != vendor_product(device):
+            return False
+        if any(other is not hostdev and self.designates(other) == [device] for other in config.hostdevs):
+            # The device has a hostdev of its own: this one is another device's, a twin's left by a replug.
             return False
         meant = [(entry, self.find(entry)) for entry in config.intent if entry["id"][0:9] == device["vendor_device_id"]]
         if not meant:

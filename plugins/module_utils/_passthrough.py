@@ -89,24 +89,33 @@ def normalize_declaration(domains: dict) -> dict:
 
 
 @contextlib.contextmanager
-def host_lock(path: str | None = None) -> Iterator[None]:
-    """Serialise passthrough changes on this host, across processes (flock, released on exit)."""
+def host_lock(path: str | None = None, shared: bool = False) -> Iterator[None]:
+    """Serialise passthrough changes on this host, across processes (flock, released on exit). A run holds it
+    from its read of the domains to its last change, domain starts included: a run that read a domain shut
+    off and changed only its persistent configuration while another started it would leave the device live.
+
+    ``shared``, for check mode: wait for the changes in progress, not for other reads, and create no file."""
     path = path or os.environ.get(LOCK_PATH_ENV) or LOCK_PATH
     if not os.path.isdir(os.path.dirname(path)):
         path = os.path.join(tempfile.gettempdir(), os.path.basename(path))
+    if shared and not os.path.exists(path):
+        # No change was ever made under it.
+        yield
+        return
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        descriptor = os.open(path, os.O_RDONLY if shared else os.O_RDONLY | os.O_CREAT, 0o644)
     except OSError as error:
         raise PassthroughError("Cannot open the host lock %s: %s" % (path, error))
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        fcntl.flock(descriptor, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         os.close(descriptor)
 
 
 def maybe_lock(check_mode: bool) -> Any:
-    return contextlib.nullcontext() if check_mode else host_lock()
+    """The host lock; shared in check mode, which changes nothing but should not plan from a half-made change."""
+    return host_lock(shared=check_mode)
 
 
 def _device_key(device: dict) -> Any:
@@ -505,7 +514,7 @@ class Planner:
                 error.drift = drift
                 raise
             self.release_unclaimed()
-        started = self.start_all([domain for domain, (settings, _resolved) in wanted.items() if settings["auto_start"]])
+            started = self.start_all([domain for domain, (settings, _resolved) in wanted.items() if settings["auto_start"]])
         result = self.result(steps, started)
         result["domains"] = {}
         for domain in self.model.domains:
@@ -548,7 +557,7 @@ class Planner:
             except PassthroughError:
                 self.imports.undo()
                 raise
-        started = self.start_all([domain] if auto_start else [])
+            started = self.start_all([domain] if auto_start else [])
         result = self.result(steps, started)
         result["devices"] = [self.model.device_view(device) for _selector, device in wanted[domain][1]]
         result["domain"] = domain.summary()
@@ -578,7 +587,7 @@ class Planner:
                         self.plan_detach(domain, device)
             steps = self.execute()
             self.release_unclaimed(list(self.imports.records.values()))
-        started = self.start_all(([only] if only else self.touched) if auto_start else [])
+            started = self.start_all(([only] if only else self.touched) if auto_start else [])
         result = self.result(steps, started)
         result["devices"] = [self.model.device_view(device) for device in present]
         result["domain"] = only.summary() if only else None

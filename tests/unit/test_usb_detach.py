@@ -76,6 +76,18 @@ def test_detach_keeps_the_other_devices(domains):
     assert metadata(xml) == intent(("0627:0001:43", {"id": "0627:0001:43"}), (KINGSTON_ID, {"vendor_id": "0951", "product_id": "1666"}))
 
 
+def test_detach_of_one_twin_leaves_the_other_twins_replugged_hostdev(domains):
+    # Tablet 43 was replugged (device 3 became device 9): its pinned hostdev designates nothing now, and
+    # stands for tablet 43 only, not for tablet 42 beside it; the agent re-binds it.
+    name = attached(domains, "twin-replugged", ["0627:0001:42", "0627:0001:43"], TWINS)
+    replugged = [dict(device, devnum=9) if device.get("serial") == "43" else device for device in TWINS]
+    result = detach({"domain": name, "devices": ["0627:0001:42"]}, replugged)
+    assert result["rc"] == 0, result
+    xml = domains.inactive(name)
+    assert hostdevs(xml) == [hostdev("0627", "0001", 1, 3, port=2)]
+    assert metadata(xml) == intent(("0627:0001:43", {"id": "0627:0001:43"}))
+
+
 def test_detach_from_whoever_holds_each_device(domains):
     first = attached(domains, "holds-stick", ["0951:1666"])
     second = attached(domains, "holds-tablet", ["0627:0001:43"], TWINS)
