@@ -1,0 +1,240 @@
+"""The USB/IP wire protocol, the vhci status, the exports table and the exporter's per-peer answers.
+
+This machine has no USB kernel (no usbip-host, no vhci-hcd): the exporter runs here against a directory laid out
+like the kernel's /sys/bus/usb (a stand-in, said so where it is made), and real TCP over loopback; writing the socket
+to usbip_sockfd and the vhci attach are exercised on the test host (tests/integration/test_crosshost_testhost.py).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+
+import pytest
+
+from tests.lib.modrun import collection_root  # noqa: F401  (puts ansible_collections on the path below)
+
+import sys
+
+sys.path.insert(0, collection_root())
+
+from ansible_collections.kvmhost.usb.plugins.module_utils import _usbip  # noqa: E402
+
+# The QEMU stick of the test host as the kernel describes it, field by field in the order of
+# Documentation/usb/usbip_protocol.rst (struct usbip_usb_device, big endian).
+STICK = {
+    "path": "/sys/devices/pci0000:00/0000:00:1d.0/usb2/2-1",
+    "busid": "2-1",
+    "busnum": 2,
+    "devnum": 3,
+    "speed": _usbip.USB_SPEED_SUPER,
+    "vendor_id": "46f4",
+    "product_id": "0001",
+    "bcd_device": 0x0000,
+    "device_class": 0,
+    "device_subclass": 0,
+    "device_protocol": 0,
+    "configuration_value": 1,
+    "num_configurations": 1,
+    "interfaces": [(0x08, 0x06, 0x50)],
+}
+
+
+def spec_bytes(device):
+    """usbip_usb_device written out by hand from the spec's table: offsets 0, 256, 288, 292, 296, 300, 302, 304, 306..311."""
+    data = bytearray(312)
+    path = device["path"].encode()
+    data[0 : len(path)] = path
+    data[256 : 256 + len(device["busid"])] = device["busid"].encode()
+    data[288:292] = device["busnum"].to_bytes(4, "big")
+    data[292:296] = device["devnum"].to_bytes(4, "big")
+    data[296:300] = device["speed"].to_bytes(4, "big")
+    data[300:302] = bytes.fromhex(device["vendor_id"])
+    data[302:304] = bytes.fromhex(device["product_id"])
+    data[304:306] = device["bcd_device"].to_bytes(2, "big")
+    data[306] = device["device_class"]
+    data[307] = device["device_subclass"]
+    data[308] = device["device_protocol"]
+    data[309] = device["configuration_value"]
+    data[310] = device["num_configurations"]
+    data[311] = len(device["interfaces"])
+    return bytes(data)
+
+
+def test_usb_device_is_packed_as_the_spec_lays_it_out_and_reads_back():
+    packed = _usbip.pack_usb_device(STICK)
+    assert len(packed) == 312
+    assert packed == spec_bytes(STICK)
+    back = _usbip.unpack_usb_device(packed)
+    for key in ("path", "busid", "busnum", "devnum", "speed", "vendor_id", "product_id", "configuration_value"):
+        assert back[key] == STICK[key], key
+    assert back["num_interfaces"] == 1
+    assert back["devid"] == (2 << 16) | 3 == 0x00020003
+
+
+def test_op_common_headers_match_the_spec():
+    # OP_REQ_DEVLIST: version 0x0111, code 0x8005, status 0.
+    assert _usbip.pack_op_common(_usbip.OP_REQ_DEVLIST) == bytes.fromhex("0111 8005 00000000")
+    request = _usbip.pack_import_request("2-1")
+    assert request[:8] == bytes.fromhex("0111 8003 00000000")
+    assert request[8:] == b"2-1" + b"\0" * 29
+    assert _usbip.unpack_op_common(bytes.fromhex("0111 0003 00000004")) == {"version": 0x0111, "code": 0x0003, "status": _usbip.ST_NODEV}
+
+
+def test_devlist_reply_carries_the_count_then_each_device_and_its_interfaces():
+    reply = _usbip.pack_devlist_reply([STICK])
+    assert reply[:8] == bytes.fromhex("0111 0005 00000000")
+    assert reply[8:12] == (1).to_bytes(4, "big")
+    assert reply[12:324] == spec_bytes(STICK)
+    assert reply[324:] == bytes([0x08, 0x06, 0x50, 0x00])
+
+
+VHCI_STATUS = """hub port sta spd dev      sockfd local_busid
+hs  0000 006 003 00020003 000003 3-1
+hs  0001 004 000 00000000 000000 0-0
+ss  0002 004 000 00000000 000000 0-0
+ss  0003 004 000 00000000 000000 0-0
+"""
+
+
+def test_vhci_status_lines_and_the_free_port_of_the_right_hub():
+    ports = _usbip.parse_vhci_status(VHCI_STATUS)
+    assert ports[0] == {"hub": "hs", "port": 0, "status": 6, "speed": 3, "devid": 0x20003, "local_busid": "3-1"}
+    assert ports[1]["local_busid"] is None
+    assert _usbip.free_port(ports, _usbip.USB_SPEED_HIGH) == 1
+    assert _usbip.free_port(ports, _usbip.USB_SPEED_SUPER) == 2
+    used = [dict(item, status=6) if item["hub"] == "hs" else item for item in ports]
+    with pytest.raises(_usbip.UsbipError, match="No free hs port"):
+        _usbip.free_port(used, _usbip.USB_SPEED_FULL)
+
+
+def test_exports_table_is_written_once_and_read_back(tmp_path):
+    path = str(tmp_path / "etc" / "exports.json")
+    assert _usbip.read_exports(path) == {"listen": None, "port": 3240, "exports": []}
+    table = {"listen": "10.77.0.1", "port": 3240, "exports": [{"id": "46f4:0001:KING0001", "importer": "kvm2", "importer_address": "10.77.0.2", "domain": "buildvm", "selector": {"id": "46f4:0001:KING0001"}}]}
+    assert _usbip.write_exports(table, path) is True
+    assert _usbip.write_exports(table, path) is False
+    assert _usbip.read_exports(path) == table
+    (tmp_path / "etc" / "exports.json").write_text("{not json")
+    with pytest.raises(_usbip.UsbipError, match="Cannot read the exports table"):
+        _usbip.read_exports(path)
+
+
+def fake_sysfs(root, device):
+    """A stand-in for /sys/bus/usb with one device already bound to usbip-host (this machine has no USB kernel)."""
+    devices = root / "devices"
+    base = devices / device["busid"]
+    base.mkdir(parents=True)
+    values = {
+        "idVendor": device["vendor_id"], "idProduct": device["product_id"], "busnum": device["busnum"], "devnum": device["devnum"],
+        "speed": "5000", "serial": "KING0001", "bcdDevice": "0000", "bDeviceClass": "00", "bDeviceSubClass": "00", "bDeviceProtocol": "00",
+        "bConfigurationValue": "1", "bNumConfigurations": "1", "bNumInterfaces": " 1", "usbip_status": "1", "usbip_sockfd": "",
+    }
+    for name, value in values.items():
+        (base / name).write_text("%s\n" % value)
+    interface = base / ("%s:1.0" % device["busid"])
+    interface.mkdir()
+    for name, value in (("bInterfaceClass", "08"), ("bInterfaceSubClass", "06"), ("bInterfaceProtocol", "50")):
+        (interface / name).write_text(value + "\n")
+    driver = root / "drivers" / "usbip-host"
+    driver.mkdir(parents=True)
+    os.symlink(str(driver), str(base / "driver"))
+    return base
+
+
+@pytest.fixture
+def exporter(tmp_path):
+    base = fake_sysfs(tmp_path / "sys", STICK)
+    lines = []
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()
+    table = {"listen": "127.0.0.1", "port": port, "exports": [{"id": "46f4:0001:KING0001", "selector": {"id": "46f4:0001:KING0001"}, "importer": "kvm2", "importer_address": "127.0.0.1", "domain": "buildvm"}]}
+    _usbip.write_exports(table, str(tmp_path / "exports.json"))
+    served = _usbip.Exporter(str(tmp_path / "exports.json"), root=str(tmp_path / "sys"), out=lines.append, state=str(tmp_path / "exported.json"))
+    served.reload_if_changed()
+    served.listen()
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            for key, _events in served.selector.select(timeout=0.1):
+                key.data()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    yield served, port, lines, base
+    stop.set()
+    thread.join()
+    served.server.close()
+
+
+def test_exporter_offers_the_declared_peer_its_device(exporter):
+    served, port, lines, _base = exporter
+    assert served.bound == {"2-1": served.table["exports"][0]}
+    offered = _usbip.remote_devices("127.0.0.1", port)
+    assert [(device["busid"], device["vendor_id"], device["product_id"], device["speed"], device["devid"]) for device in offered] == [
+        ("2-1", "46f4", "0001", _usbip.USB_SPEED_SUPER, 0x20003)
+    ]
+    assert offered[0]["interfaces"] == [(0x08, 0x06, 0x50)]
+    assert lines == ["loaded 1 export(s) from %s" % served.path, "listening on 127.0.0.1:%d" % port]
+
+
+def test_exporter_hands_the_socket_of_an_import_to_the_kernel_file(exporter):
+    served, port, lines, base = exporter
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(_usbip.pack_import_request("2-1"))
+    header = _usbip.unpack_op_common(_usbip._receive(sock, 8))
+    device = _usbip.unpack_usb_device(_usbip._receive(sock, 312))
+    sock.close()
+    assert header == {"version": 0x0111, "code": _usbip.OP_REP_IMPORT, "status": _usbip.ST_OK}
+    assert device["busid"] == "2-1" and device["devid"] == 0x20003
+    # The stand-in file received a descriptor number, as the kernel's usbip_sockfd would.
+    assert (base / "usbip_sockfd").read_text().strip().isdigit()
+    assert lines[-1] == "exported 2-1 (46f4:0001:KING0001) to kvm2 (127.0.0.1), domain buildvm"
+
+
+def test_exporter_refuses_an_import_of_a_device_not_exported(exporter):
+    _served, port, lines, _base = exporter
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(_usbip.pack_import_request("1-1"))
+    header = _usbip.unpack_op_common(_usbip._receive(sock, 8))
+    sock.close()
+    assert header["status"] == _usbip.ST_NODEV
+    assert lines[-1] == "refused the import of 1-1 by 127.0.0.1: not exported to it"
+
+
+def test_exporter_closes_a_connection_from_another_address_at_once(exporter):
+    _served, port, lines, _base = exporter
+    # 127.0.0.2 is this machine too, but not the address the export is declared for.
+    sock = socket.socket()
+    sock.bind(("127.0.0.2", 0))
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(_usbip.pack_op_common(_usbip.OP_REQ_DEVLIST))
+    try:
+        answer = sock.recv(8)
+    except ConnectionResetError:
+        answer = b""  # closed with our request unread
+    sock.close()
+    assert answer == b""
+    assert lines[-1] == "refused connection from 127.0.0.2: no export is declared for it"
+
+
+def test_importer_errors_name_the_address_and_port(exporter):
+    _served, port, _lines, _base = exporter
+    with pytest.raises(_usbip.UsbipError, match=r"Cannot reach 127\.0\.0\.1:%d: connection refused" % (port + 1)):
+        _usbip.remote_devices("127.0.0.1", port + 1)
+
+
+def test_offered_device_matches_selectors_by_id_port_and_vendor_product():
+    offered = dict(STICK, devid=0x20003)
+    assert _usbip.offered_matches({"id": "46f4:0001:KING0001"}, offered)
+    assert _usbip.offered_matches({"id": "46f4:0001@2-1"}, offered)
+    assert not _usbip.offered_matches({"id": "46f4:0001@2-2"}, offered)
+    assert _usbip.offered_matches({"vendor_id": "46f4", "product_id": "0001", "port": "2-1"}, offered)
+    assert not _usbip.offered_matches({"vendor_id": "0627"}, offered)
+    assert _usbip.offered_matches({"address": "002:003"}, offered)
+    assert struct.calcsize(">256s32sIIIHHHBBBBBB") == 312
