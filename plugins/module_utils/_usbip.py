@@ -857,8 +857,8 @@ class Exporter:
             self.log("cannot export %s to %s: %s" % (busid, peer, error))
             conn.sendall(pack_op_common(OP_REP_IMPORT, ST_NA))
             return
-        conn.sendall(pack_op_common(OP_REP_IMPORT) + pack_usb_device(device))
         self.log("exported %s (%s) to %s (%s), domain %s" % (busid, export.get("id"), export.get("importer"), peer, export.get("domain")))
+        conn.sendall(pack_op_common(OP_REP_IMPORT) + pack_usb_device(device))
 
     # udev and the loop
 
