@@ -33,7 +33,7 @@ import time
 
 from dataclasses import dataclass
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _host, _libvirt, _passthrough, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils import _host, _libvirt, _passthrough, _usb, _usbip
 
 LIVE = _host.LIVE
 PERSISTENT = _host.PERSISTENT
@@ -101,15 +101,97 @@ def _actions(steps, device_id):
     return [Action("removed stale", device_id, step.domain.name, step.scope, step.hostdev) for step in steps if step.action == "detach"]
 
 
-def reconcile(conn, uri="qemu:///system", check_mode=False):
+# Seconds an import may take until the device is a local USB device (several under TCG).
+IMPORT_TIMEOUT = 20.0
+
+
+def remote_entries(model):
+    """``[(domain, entry)]`` of the intent entries of devices another host exports to this one, one per device."""
+    found = []
+    for domain in model.domains:
+        for config in domain.configs.values():
+            for entry in config.intent:
+                if entry.get("link_address") and all(entry["id"] != other["id"] for _domain, other in found):
+                    found.append((domain, entry))
+    return found
+
+
+class Importer:
+    """Keeps the devices of remote intent entries imported over USB/IP (``_usbip.ensure_import``). It remembers
+    them between passes, so that a lost import and a failing one are each reported once."""
+
+    def __init__(self, timeout=IMPORT_TIMEOUT):
+        self.timeout = timeout
+        self.held = {}
+        self.failing = {}
+
+    @property
+    def pending(self):
+        return bool(self.failing)
+
+    def run(self, model, check_mode=False):
+        """``(lines, imported)``: the lines to log, and whether a device was imported (the host must be read again)."""
+        lines = []
+        imported = False
+        try:
+            current = dict(((record["link_address"], record.get("id")), record) for record in _usbip.imports())
+        except _usbip.UsbipError:
+            current = {}  # vhci-hcd not loaded: each import below says so
+        wanted = remote_entries(model)
+        for key, record in sorted(self.held.items()):
+            if key not in current and any((entry["link_address"], entry["id"]) == key for _domain, entry in wanted):
+                lines.append("lost %s imported from %s (vhci port %d); importing it again" % (key[1], _source(record), record["vhci_port"]))
+        self.held = {}
+        for domain, entry in wanted:
+            key = (entry["link_address"], entry["id"])
+            source = _source(entry)
+            if key in current:
+                self.held[key] = current[key]
+                continue
+            if check_mode:
+                lines.append("would import %s from %s for %s" % (entry["id"], source, domain.name))
+                continue
+            selector = dict(entry.get("selector") or {}) or {"id": entry["id"]}
+            try:
+                record = _usbip.ensure_import(entry.get("host"), entry["link_address"], selector, timeout=self.timeout)
+            except _usbip.UsbipError as error:
+                message = "cannot import %s from %s for %s: %s; retrying" % (entry["id"], source, domain.name, error)
+                if self.failing.get(key) != message:
+                    lines.append(message)
+                self.failing[key] = message
+                continue
+            self.failing.pop(key, None)
+            self.held[key] = record
+            imported = True
+            lines.append("imported %s from %s for %s (vhci port %d, local port %s)" % (entry["id"], source, domain.name, record["vhci_port"], record.get("local_port")))
+        for key in list(self.failing):
+            if key not in [(entry["link_address"], entry["id"]) for _domain, entry in wanted]:
+                del self.failing[key]
+        return lines, imported
+
+
+def _source(item):
+    host = item.get("host")
+    return "%s (%s)" % (host, item["link_address"]) if host else item["link_address"]
+
+
+def reconcile(conn, uri="qemu:///system", check_mode=False, importer=None):
     """One pass over every declared domain; the lines to log, one per action (or refusal).
 
-    Each domain is planned and carried out on its own, so a domain libvirt refuses does not hold up the others."""
+    Devices another host exports to this one are imported first (``Importer``); then each domain is planned and
+    carried out on its own, so a domain libvirt refuses does not hold up the others."""
     planner = _passthrough.Planner(conn, uri, check_mode)
     planner.enumerate()
     lines = []
     with _passthrough.maybe_lock(check_mode):
         planner.load_domains()
+        if remote_entries(planner.model) or (importer is not None and importer.held):
+            importer = importer if importer is not None else Importer()
+            imported_lines, imported = importer.run(planner.model, check_mode)
+            lines.extend(imported_lines)
+            if imported:
+                planner.enumerate()
+                planner.load_domains()
         for domain in planner.model.domains:
             if not declares(domain):
                 continue
@@ -165,6 +247,8 @@ class Debouncer:
 TICK_MS = 100
 # While libvirt does not answer: retry after these many seconds, then every last one of them.
 RETRY_DELAYS = (0.5, 1.0, 2.0)
+# While an import fails: the next pass after these many seconds, then every last one of them.
+IMPORT_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)
 
 
 class Agent:
@@ -184,6 +268,9 @@ class Agent:
         self.retries = 0
         self.lost = None
         self.down_since = None
+        self.importer = Importer()
+        self.import_retry = None
+        self.import_retries = 0
 
     def log(self, line):
         self.out.write(line + "\n")
@@ -285,7 +372,7 @@ class Agent:
             if self.conn is None:
                 return
         try:
-            lines = reconcile(self.conn, self.uri)
+            lines = reconcile(self.conn, self.uri, importer=self.importer)
         except (_libvirt.libvirt.libvirtError, _passthrough.PassthroughError, OSError) as error:
             message = _libvirt.error_message(error) if isinstance(error, _libvirt.libvirt.libvirtError) else str(error)
             if not self.alive():
@@ -294,12 +381,27 @@ class Agent:
             else:
                 self.log("reconcile failed: %s" % message)
             return
+        self.schedule_import_retry()
         skipped = [line for line in lines if line.startswith("not attaching")]
         for line in lines:
             # A device another domain holds is reported once, not on every pass.
             if line not in self.skipped:
                 self.log(line)
         self.skipped = skipped
+
+    def schedule_import_retry(self):
+        """While an import fails (the exporting host or the link down), passes come sooner than the period."""
+        if not self.importer.pending:
+            self.import_retries = 0
+            _libvirt.libvirt.virEventUpdateTimeout(self.import_retry, -1)
+            return
+        delay = IMPORT_RETRY_DELAYS[min(self.import_retries, len(IMPORT_RETRY_DELAYS) - 1)]
+        self.import_retries += 1
+        _libvirt.libvirt.virEventUpdateTimeout(self.import_retry, int(delay * 1000))
+
+    def on_import_retry(self, _timer, _opaque):
+        _libvirt.libvirt.virEventUpdateTimeout(self.import_retry, -1)
+        self.pass_()
 
     def alive(self):
         try:
@@ -318,6 +420,7 @@ class Agent:
         libvirt.virEventAddHandle(self.monitor.fileno(), libvirt.VIR_EVENT_HANDLE_READABLE, self.on_udev, None)
         self.tick = libvirt.virEventAddTimeout(-1, self.on_tick, None)
         self.retry = libvirt.virEventAddTimeout(-1, self.on_retry, None)
+        self.import_retry = libvirt.virEventAddTimeout(-1, self.on_import_retry, None)
         libvirt.virEventAddTimeout(int(self.period * 1000), self.on_period, None)
 
     def run(self):

@@ -131,6 +131,34 @@ def test_twin_with_the_same_serial_gets_the_vague_hostdev_pinned_to_the_held_dev
     assert ours(agent_pass(clash), name) == []
 
 
+REMOTE_STICK = "46f4:0001:KING0001"
+
+
+def naming(lines, name):
+    return [line for line in lines if name in line]
+
+
+def remote_intent(device_id):
+    """The intent of a device another host exports to this one, as usb_attach with ``host`` records it."""
+    return (
+        '<passthrough><device id="%s" serial="KING0001" host="kvm1" link_address="10.77.0.1">'
+        '<selector id="%s"/></device></passthrough>' % (device_id, device_id)
+    )
+
+
+def test_a_remote_device_is_imported_first_and_keeps_where_it_comes_from(domains):
+    # This machine has no vhci-hcd: the import fails, the line says so and why, and the pass leaves the intent as it was.
+    name = domains.define("agent-remote")
+    domains.set_intent(name, remote_intent(REMOTE_STICK))
+    before = domains.inactive(name)
+    assert 'host="kvm1" link_address="10.77.0.1"' in before
+    assert naming(agent_pass(REFERENCE, "--check"), name) == ["would import %s from kvm1 (10.77.0.1) for %s" % (REMOTE_STICK, name)]
+    assert naming(agent_pass(REFERENCE), name) == [
+        "cannot import %s from kvm1 (10.77.0.1) for %s: The kernel module vhci-hcd is not loaded (modprobe vhci-hcd); retrying" % (REMOTE_STICK, name)
+    ]
+    assert domains.inactive(name) == before
+
+
 def test_the_files_the_role_installs_are_all_the_agent_imports(tmp_path):
     # The role copies a list of module_utils files to the host; the agent must start from those alone.
     with open(os.path.join(REPO, "roles", "passthrough", "tasks", "agent.yml")) as handle:
