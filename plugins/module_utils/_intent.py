@@ -27,10 +27,8 @@ from ansible_collections.kvmhost.usb.plugins.module_utils._usb import SELECTOR_F
 NAMESPACE = "http://kvmhost.usb/ns/passthrough/1"
 PREFIX = "kvmhost-usb"
 ROOT = "passthrough"
-# What the device had when it was bound, beside its id.
-BOUND_FIELDS = ("serial", "port", "address")
-# Where a device imported over USB/IP comes from: the exporting host and its link address (see _usbip).
-REMOTE_FIELDS = ("host", "link_address")
+# What the device had when it was bound, beside its id, and where it was imported from.
+BOUND_FIELDS = ("serial", "port", "address", "host", "link_address")
 
 ET.register_namespace(PREFIX, NAMESPACE)
 
@@ -47,7 +45,7 @@ def from_domain_xml(xml_text: str) -> list[dict]:
         attributes = selector_element.attrib if selector_element is not None else {}
         selector = dict((field, attributes[field]) for field in SELECTOR_FIELDS if attributes.get(field))
         entry = {"id": device.get("id"), "selector": selector}
-        entry.update((key, device.get(key)) for key in BOUND_FIELDS + REMOTE_FIELDS if device.get(key))
+        entry.update((key, device.get(key)) for key in BOUND_FIELDS if device.get(key))
         entries.append(entry)
     return entries
 
@@ -59,7 +57,7 @@ def to_xml(entries: list[dict], namespace: str | None = None) -> str:
     root = ET.Element(tag % ROOT)
     for entry in entries:
         device = ET.SubElement(root, tag % "device", id=entry["id"])
-        for key in BOUND_FIELDS + REMOTE_FIELDS:
+        for key in BOUND_FIELDS:
             if entry.get(key):
                 device.set(key, entry[key])
         ET.SubElement(device, tag % "selector", dict((field, entry["selector"][field]) for field in SELECTOR_FIELDS if field in entry["selector"]))

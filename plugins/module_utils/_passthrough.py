@@ -251,8 +251,6 @@ class Planner:
                 if device.get("absent"):
                     entry = dict(existing, selector=selector)
                 entry["id"] = existing["id"]
-                # An imported device keeps where it comes from.
-                entry.update((key, existing[key]) for key in _intent.REMOTE_FIELDS if existing.get(key) and not entry.get(key))
                 if not rebound and existing.get("address"):
                     entry["address"] = existing["address"]
                 if entry != existing:
