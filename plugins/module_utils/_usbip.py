@@ -511,7 +511,8 @@ def imports(vhci=VHCI, directory=None):
     found = []
     for vhci_port, record in sorted(_read_records(directory).items()):
         item = ports.get(vhci_port)
-        if item is None or item["status"] != VDEV_ST_USED:
+        # Between the attach and the device's enumeration the port is not yet "used"; only a free port is lost.
+        if item is None or item["status"] == VDEV_ST_NULL:
             _forget_record(vhci_port, directory)
             continue
         found.append(dict(record, local_port=item["local_busid"]))
@@ -725,7 +726,8 @@ class Exporter:
             if ":" in busid or busid.startswith("usb"):
                 continue
             device = sysfs_device(busid, self.root)
-            if device is not None:
+            # A device this host imported itself is never offered on.
+            if device is not None and "/vhci_hcd." not in device["path"]:
                 found.append(device)
         return found
 
