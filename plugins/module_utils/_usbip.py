@@ -606,7 +606,10 @@ def ensure_import(host, link_address, selector, timeout=30.0, port=USBIP_PORT, v
     candidates = [device for device in offered if offered_matches(selector, device) and device["busid"] not in held]
     if not candidates:
         listed = ", ".join("%s %s:%s" % (device["busid"], device["vendor_id"], device["product_id"]) for device in offered) or "nothing"
-        raise UsbipError("%s exports no device matching (%s) to this host; it exports: %s" % (where, _describe(selector), listed))
+        raise UsbipError(
+            "%s offers this host no device matching (%s): not plugged in there, or not exported to this host; it offers: %s"
+            % (where, _describe(selector), listed)
+        )
     deadline = time.monotonic() + timeout
     for device in candidates:
         vhci_port = import_device(link_address, device["busid"], port, host=host, device_id=selector.get("id"), timeout=min(timeout, 5.0), vhci=vhci, directory=directory)
