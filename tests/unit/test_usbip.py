@@ -238,3 +238,17 @@ def test_offered_device_matches_selectors_by_id_port_and_vendor_product():
     assert not _usbip.offered_matches({"vendor_id": "0627"}, offered)
     assert _usbip.offered_matches({"address": "002:003"}, offered)
     assert struct.calcsize(">256s32sIIIHHHBBBBBB") == 312
+
+
+def test_ensure_import_says_when_the_exporter_offers_no_such_device(exporter, tmp_path):
+    _served, port, _lines, _base = exporter
+    # A stand-in for vhci-hcd's sysfs directory, every port free (this machine has no vhci-hcd).
+    vhci = tmp_path / "platform" / "vhci_hcd.0"
+    vhci.mkdir(parents=True)
+    (vhci / "status").write_text(VHCI_STATUS.replace(" 006 003 00020003 000003 3-1", " 004 000 00000000 000000 0-0"))
+    with pytest.raises(_usbip.UsbipError) as raised:
+        _usbip.ensure_import("kvm1", "127.0.0.1", {"id": "abcd:0001:NOPE"}, port=port, vhci=str(vhci), directory=str(tmp_path / "imports"))
+    assert str(raised.value) == (
+        "kvm1 (127.0.0.1:%d) offers this host no device matching (id=abcd:0001:NOPE): not plugged in there, or not exported to this host;"
+        " it offers: 2-1 46f4:0001" % port
+    )
