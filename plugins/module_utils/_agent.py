@@ -163,7 +163,8 @@ class Importer:
             self.failing.pop(key, None)
             self.held[key] = record
             imported = True
-            lines.append("imported %s from %s for %s (vhci port %d, local port %s)" % (entry["id"], source, domain.name, record["vhci_port"], record.get("local_port")))
+            where = "vhci port %d, local port %s" % (record["vhci_port"], record.get("local_port"))
+            lines.append("imported %s from %s for %s (%s)" % (entry["id"], source, domain.name, where))
         for key in list(self.failing):
             if key not in [(entry["link_address"], entry["id"]) for _domain, entry in wanted]:
                 del self.failing[key]

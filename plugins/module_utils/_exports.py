@@ -41,9 +41,7 @@ def normalize_exports(exports):
             raise ExportError("exports[%d] (%r) lacks %s" % (index, item, ", ".join(missing)))
         unknown = sorted(set(item) - set(EXPORT_FIELDS) - set(_usb.SELECTOR_FIELDS))
         if unknown:
-            raise ExportError(
-                "exports[%d]: unknown field(s) %s; accepted: %s" % (index, ", ".join(unknown), ", ".join(_usb.SELECTOR_FIELDS + EXPORT_FIELDS))
-            )
+            raise ExportError("exports[%d]: unknown field(s) %s; accepted: %s" % (index, ", ".join(unknown), ", ".join(_usb.SELECTOR_FIELDS + EXPORT_FIELDS)))
         selector = dict((field, item[field]) for field in _usb.SELECTOR_FIELDS if field in item)
         try:
             selector = _usb.normalize_selector(selector)
@@ -100,7 +98,14 @@ def plan(planner, exports, local_domains):
                 )
         chosen.append((item, device))
     return [
-        dict(id=device["id"], busid=device["port"], selector=item["selector"], importer=item["importer"], importer_address=item["importer_address"], domain=item["domain"])
+        dict(
+            id=device["id"],
+            busid=device["port"],
+            selector=item["selector"],
+            importer=item["importer"],
+            importer_address=item["importer_address"],
+            domain=item["domain"],
+        )
         for item, device in chosen
     ]
 
@@ -142,4 +147,3 @@ def converge(conn, uri, exports, listen_address, port, local_domains, check_mode
             "after_header": path,
         },
     }
-

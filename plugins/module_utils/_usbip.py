@@ -24,7 +24,6 @@ Neither end needs the ``usbip`` tools; ``usbip list -r A`` from B still works, f
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import selectors
@@ -464,7 +463,16 @@ def import_device(address, busid, port=USBIP_PORT, host=None, device_id=None, ti
         _write(os.path.join(vhci, "attach"), "%d %d %d %d" % (vhci_port, sock.fileno(), device["devid"], device["speed"]))
     finally:
         sock.close()
-    record = {"vhci_port": vhci_port, "host": host, "link_address": address, "port": port, "busid": busid, "id": device_id, "vendor_id": device["vendor_id"], "product_id": device["product_id"]}
+    record = {
+        "vhci_port": vhci_port,
+        "host": host,
+        "link_address": address,
+        "port": port,
+        "busid": busid,
+        "id": device_id,
+        "vendor_id": device["vendor_id"],
+        "product_id": device["product_id"],
+    }
     _write_record(record, directory)
     return vhci_port
 
@@ -612,14 +620,24 @@ def ensure_import(host, link_address, selector, timeout=30.0, port=USBIP_PORT, v
         )
     deadline = time.monotonic() + timeout
     for device in candidates:
-        vhci_port = import_device(link_address, device["busid"], port, host=host, device_id=selector.get("id"), timeout=min(timeout, 5.0), vhci=vhci, directory=directory)
+        vhci_port = import_device(
+            link_address, device["busid"], port, host=host, device_id=selector.get("id"), timeout=min(timeout, 5.0), vhci=vhci, directory=directory
+        )
         local = _wait_local(vhci_port, deadline, vhci)
         if local is None:
             _forget_record(vhci_port, directory)
             raise UsbipError("%s: the import of %s ended at once (vhci port %d went free)" % (where, device["busid"], vhci_port))
         if _local_matches(selector, local):
-            record = {"vhci_port": vhci_port, "host": host, "link_address": link_address, "port": port, "busid": device["busid"],
-                      "id": selector.get("id") or _device_id(local), "vendor_id": local["vendor_id"], "product_id": local["product_id"]}
+            record = {
+                "vhci_port": vhci_port,
+                "host": host,
+                "link_address": link_address,
+                "port": port,
+                "busid": device["busid"],
+                "id": selector.get("id") or _device_id(local),
+                "vendor_id": local["vendor_id"],
+                "product_id": local["product_id"],
+            }
             _write_record(record, directory)
             return dict(record, local_port=local["busid"])
         detach_import(vhci_port, vhci, directory)
@@ -757,8 +775,10 @@ class Exporter:
         for busid, export in sorted(wanted.items()):
             try:
                 if bind(busid, self.root):
-                    self.log("bound %s (%s) to usbip-host for %s (%s), domain %s" % (
-                        busid, export.get("id"), export.get("importer"), export.get("importer_address"), export.get("domain")))
+                    self.log(
+                        "bound %s (%s) to usbip-host for %s (%s), domain %s"
+                        % (busid, export.get("id"), export.get("importer"), export.get("importer_address"), export.get("domain"))
+                    )
                 self.bound[busid] = export
             except UsbipError as error:
                 self.log("cannot export %s (%s): %s" % (busid, export.get("id"), error))
@@ -851,7 +871,9 @@ class Exporter:
             return
         status = stub_status(busid, self.root)
         if status != SDEV_ST_AVAILABLE:
-            self.log("refused the import of %s by %s: %s" % (busid, peer, "in use by an earlier import" if status == SDEV_ST_USED else "usbip status %d" % status))
+            self.log(
+                "refused the import of %s by %s: %s" % (busid, peer, "in use by an earlier import" if status == SDEV_ST_USED else "usbip status %d" % status)
+            )
             conn.sendall(pack_op_common(OP_REP_IMPORT, ST_DEV_BUSY if status == SDEV_ST_USED else ST_NA))
             return
         conn.settimeout(None)

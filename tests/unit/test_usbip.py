@@ -45,9 +45,9 @@ STICK = {
 def spec_bytes(device):
     """usbip_usb_device written out by hand from the spec's table: offsets 0, 256, 288, 292, 296, 300, 302, 304, 306..311."""
     data = bytearray(312)
-    path = device["path"].encode()
-    data[0 : len(path)] = path
-    data[256 : 256 + len(device["busid"])] = device["busid"].encode()
+    path = device["path"].encode().ljust(256, b"\0")
+    data[0:256] = path
+    data[256:288] = device["busid"].encode().ljust(32, b"\0")
     data[288:292] = device["busnum"].to_bytes(4, "big")
     data[292:296] = device["devnum"].to_bytes(4, "big")
     data[296:300] = device["speed"].to_bytes(4, "big")
@@ -113,7 +113,13 @@ def test_vhci_status_lines_and_the_free_port_of_the_right_hub():
 def test_exports_table_is_written_once_and_read_back(tmp_path):
     path = str(tmp_path / "etc" / "exports.json")
     assert _usbip.read_exports(path) == {"listen": None, "port": 3240, "exports": []}
-    table = {"listen": "10.77.0.1", "port": 3240, "exports": [{"id": "46f4:0001:KING0001", "importer": "kvm2", "importer_address": "10.77.0.2", "domain": "buildvm", "selector": {"id": "46f4:0001:KING0001"}}]}
+    table = {
+        "listen": "10.77.0.1",
+        "port": 3240,
+        "exports": [
+            {"id": "46f4:0001:KING0001", "importer": "kvm2", "importer_address": "10.77.0.2", "domain": "buildvm", "selector": {"id": "46f4:0001:KING0001"}}
+        ],
+    }
     assert _usbip.write_exports(table, path) is True
     assert _usbip.write_exports(table, path) is False
     assert _usbip.read_exports(path) == table
@@ -128,9 +134,21 @@ def fake_sysfs(root, device):
     base = devices / device["busid"]
     base.mkdir(parents=True)
     values = {
-        "idVendor": device["vendor_id"], "idProduct": device["product_id"], "busnum": device["busnum"], "devnum": device["devnum"],
-        "speed": "5000", "serial": "KING0001", "bcdDevice": "0000", "bDeviceClass": "00", "bDeviceSubClass": "00", "bDeviceProtocol": "00",
-        "bConfigurationValue": "1", "bNumConfigurations": "1", "bNumInterfaces": " 1", "usbip_status": "1", "usbip_sockfd": "",
+        "idVendor": device["vendor_id"],
+        "idProduct": device["product_id"],
+        "busnum": device["busnum"],
+        "devnum": device["devnum"],
+        "speed": "5000",
+        "serial": "KING0001",
+        "bcdDevice": "0000",
+        "bDeviceClass": "00",
+        "bDeviceSubClass": "00",
+        "bDeviceProtocol": "00",
+        "bConfigurationValue": "1",
+        "bNumConfigurations": "1",
+        "bNumInterfaces": " 1",
+        "usbip_status": "1",
+        "usbip_sockfd": "",
     }
     for name, value in values.items():
         (base / name).write_text("%s\n" % value)
@@ -152,7 +170,13 @@ def exporter(tmp_path):
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     listener.close()
-    table = {"listen": "127.0.0.1", "port": port, "exports": [{"id": "46f4:0001:KING0001", "selector": {"id": "46f4:0001:KING0001"}, "importer": "kvm2", "importer_address": "127.0.0.1", "domain": "buildvm"}]}
+    table = {
+        "listen": "127.0.0.1",
+        "port": port,
+        "exports": [
+            {"id": "46f4:0001:KING0001", "selector": {"id": "46f4:0001:KING0001"}, "importer": "kvm2", "importer_address": "127.0.0.1", "domain": "buildvm"}
+        ],
+    }
     _usbip.write_exports(table, str(tmp_path / "exports.json"))
     served = _usbip.Exporter(str(tmp_path / "exports.json"), root=str(tmp_path / "sys"), out=lines.append, state=str(tmp_path / "exported.json"))
     served.reload_if_changed()
