@@ -953,10 +953,12 @@ def main(argv=None):
             Exporter(args.exports).run()
         elif args.command == "list":
             for device in remote_devices(args.address, args.port):
-                print("%s %s:%s speed %d devid 0x%08x" % (device["busid"], device["vendor_id"], device["product_id"], device["speed"], device["devid"]))
+                sys.stdout.write(
+                    "%s %s:%s speed %d devid 0x%08x" % (device["busid"], device["vendor_id"], device["product_id"], device["speed"], device["devid"]) + "\n"
+                )
         else:
             for record in imports():
-                print(json.dumps(record, sort_keys=True))
+                sys.stdout.write(json.dumps(record, sort_keys=True) + "\n")
     except UsbipError as error:
         sys.stderr.write("%s\n" % error)
         return 1
