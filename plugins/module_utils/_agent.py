@@ -13,6 +13,11 @@ declaration, on the one host model ``_host.HostModel``), and carries the plan ou
 * a declared device that is absent: its stale live hostdev removed, the intent and the persistent
   (``startupPolicy='optional'``) hostdev kept, so the domain still starts and gets it back later.
 
+A device another KVM host exports to this one (an intent entry with ``host`` and ``link_address``) is imported over
+USB/IP first (``Importer``, ``_usbip.ensure_import``), so that it is a local device when the domain is planned; while
+the import fails (the exporting host, its exporter or the link down) passes come sooner, with backoff, and the failure
+is logged once; an import lost (the device replugged over there, the connection broken) is logged and made again.
+
 Domains without the intent are never touched. ``Agent`` runs the passes: at start, after a burst of
 udev (usb_device add/remove) or libvirt (domain started) events has been quiet for a moment, on a
 periodic timer, and at once whenever it (re)connects to libvirt. While libvirt does not answer (down
