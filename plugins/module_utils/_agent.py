@@ -212,6 +212,9 @@ def reconcile(conn, uri="qemu:///system", check_mode=False, importer=None):
             except _passthrough.PassthroughError as error:
                 lines.append("failed to converge %s: %s" % (domain.name, error))
                 continue
+            finally:
+                lines.extend(planner.warnings)
+                planner.warnings = []
             if planner.touched and not actions and not check_mode:
                 lines.append("updated the intent of %s" % domain.name)
             lines.extend(("would have " if check_mode else "") + action.line() for action in actions)

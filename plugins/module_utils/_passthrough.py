@@ -44,6 +44,8 @@ class Step:
     hostdev: dict | None = None
     intent: list | None = None
     previous: list | None = None
+    # The plugged-in device the hostdev stands for; an attach relies on it.
+    device: dict | None = None
 
     def describe(self) -> str:
         if self.action == "intent":
@@ -134,6 +136,8 @@ class Planner:
         self.touched = []
         self.warnings = []
         self.imports = _crosshost.Imports(check_mode)
+        # Domains the operator wants changed live only (usb_attach with persistent: false).
+        self.live_only = []
 
     # Reading the host
 
@@ -241,13 +245,15 @@ class Planner:
         if domain not in self.touched:
             self.touched.append(domain)
 
-    def _hostdev_step(self, domain: Domain, scope: str, action: str, hostdev: dict) -> None:
+    def _hostdev_step(self, domain: Domain, scope: str, action: str, hostdev: dict, device: dict | None = None) -> None:
         hostdevs = domain.configs[scope].hostdevs
         if action == "attach":
             hostdevs.append(hostdev)
         else:
             hostdevs.remove(hostdev)
-        self.steps.append(Step(domain=domain, scope=scope, action=action, hostdev=hostdev))
+        if device is not None and device.get("absent"):
+            device = None
+        self.steps.append(Step(domain=domain, scope=scope, action=action, hostdev=hostdev, device=device))
         self._touch(domain)
 
     def _record(self, domain: Domain, config: Config, device: dict, selector: dict, rebound: bool) -> None:
@@ -288,8 +294,8 @@ class Planner:
                 if not any(self.model.bound(hostdev, device, scope) for hostdev in standing):
                     if standing:
                         # Left by a replug, or too vague to start the domain: re-bind it.
-                        self._hostdev_step(domain, scope, "detach", standing[0])
-                    self._hostdev_step(domain, scope, "attach", self.wanted_hostdev(device, scope))
+                        self._hostdev_step(domain, scope, "detach", standing[0], device)
+                    self._hostdev_step(domain, scope, "attach", self.wanted_hostdev(device, scope), device)
                     rebound = True
             self._record(domain, config, device, selector, rebound)
 
@@ -304,8 +310,8 @@ class Planner:
                 continue
             for hostdev in self.model.standing(config, device):
                 if len(self.model.designates(hostdev)) > 1:
-                    self._hostdev_step(domain, PERSISTENT, "detach", hostdev)
-                    self._hostdev_step(domain, PERSISTENT, "attach", self.wanted_hostdev(device, PERSISTENT))
+                    self._hostdev_step(domain, PERSISTENT, "detach", hostdev, device)
+                    self._hostdev_step(domain, PERSISTENT, "attach", self.wanted_hostdev(device, PERSISTENT), device)
                     self._record(domain, config, device, entry["selector"], rebound=True)
 
     def plan_exclusive(self, domain: Domain, scopes: list[str], kept: list[dict]) -> None:
@@ -329,7 +335,7 @@ class Planner:
         key = _device_key(device)
         for scope, config in domain.configs.items():
             for hostdev in self.model.standing(config, device):
-                self._hostdev_step(domain, scope, "detach", hostdev)
+                self._hostdev_step(domain, scope, "detach", hostdev, device)
             kept = [entry for entry in config.intent if self._entry_key(entry) != key]
             if kept != config.intent:
                 config.intent[:] = kept
@@ -353,33 +359,125 @@ class Planner:
         return picked("detach", LIVE) + picked("detach", PERSISTENT) + picked("attach", LIVE) + picked("attach", PERSISTENT) + self._intent_steps()
 
     def execute(self) -> list[Step]:
+        """Carry the plan out; when a step fails, undo the steps done and fail saying what happened.
+
+        The host may change between the plan and its steps. A device the plan attaches that was unplugged (or
+        replugged at a new address) meanwhile fails the change, naming the device, with the steps done undone:
+        it is checked before the first step, before each step that attaches it, and before the intent that
+        records it. A device that only leaves a domain does not stop the change: a detach needs no device, and
+        undoing it would give the domain back a hostdev of a device that is gone. A domain that stopped
+        running meanwhile keeps its persistent steps and intent, the live ones being moot (its live
+        configuration ended with it): the change ends as usb_attach to a stopped domain would, and a warning
+        says so. Where the operator asked for the live domain only (persistent: false), it fails instead.
+        """
         steps = self.ordered_steps()
         if self.check_mode:
             return steps
+        relied = [step.device for step in steps if step.action == "attach" and step.device is not None]
+        intent_from = next((index for index, step in enumerate(steps) if step.action == "intent"), len(steps))
         done = []
-        for step in steps:
+        for index, step in enumerate(steps + [None]):
+            if index in (0, intent_from):
+                self._check_plugged(relied, step, done)
+                if index == intent_from:
+                    self._warn_unplugged_detached(steps)
+            if step is None:
+                break
+            if step.scope == LIVE and LIVE not in step.domain.configs:
+                continue
+            if step.action == "attach" and step.device is not None and index not in (0, intent_from):
+                self._check_plugged([step.device], step, done)
             try:
                 _carry_out(step)
             except _libvirt.libvirt.libvirtError as error:
-                problems = self._undo(done)
+                if step.scope == LIVE and self._stopped(step, done):
+                    continue
                 message = "libvirt refused to %s: %s" % (step.describe(), _libvirt.error_message(error))
-                if problems:
-                    raise PassthroughError(message + ". Undoing the earlier steps failed too, check: " + "; ".join(problems))
-                if done:
-                    names = sorted(set(step.domain.name for step in done))
-                    raise PassthroughError(message + ". The %d earlier step(s) were undone; %s left as they were." % (len(done), ", ".join(names)))
-                raise PassthroughError(message + ". Nothing was changed.")
+                unplugged = self._unplugged(relied + [other.device for other in steps if other.device is not None])
+                if unplugged:
+                    message = "%s: %s" % (_unplugged_text(unplugged), message)
+                self._fail(message, done, unplugged)
             done.append(step)
         return steps
 
-    def _undo(self, done: list[Step]) -> list[str]:
+    def _unplugged(self, devices: list[dict]) -> list[dict]:
+        found = []
+        for device in devices:
+            if device not in found and not _usb.still_plugged(device):
+                found.append(device)
+        return found
+
+    def _check_plugged(self, devices: list[dict], step: Step | None, done: list[Step]) -> None:
+        unplugged = self._unplugged(devices)
+        if unplugged:
+            when = "before it could %s" % step.describe() if step is not None else "before the change was finished"
+            self._fail("%s, %s" % (_unplugged_text(unplugged), when), done, unplugged)
+
+    def _warn_unplugged_detached(self, steps: list[Step]) -> None:
+        leaving = [step.device for step in steps if step.action == "detach" and step.device is not None]
+        for device in self._unplugged(leaving):
+            names = sorted(set(step.domain.name for step in steps if step.device is device and step.action == "detach"))
+            self.warnings.append(
+                "Device %s was unplugged during the change; it was taken from %s all the same (a detach needs no device)."
+                % (_usb.describe_device(device), ", ".join(names))
+            )
+
+    def _stopped(self, step: Step, done: list[Step]) -> bool:
+        """After a live step failed: whether its domain stopped running meanwhile and the change goes on
+        without its live steps (see ``execute``). Fails when the change cannot go on without them."""
+        domain = step.domain
+        try:
+            if domain.handle.isActive():
+                return False
+            state = _libvirt.domain_state_name(domain.handle)
+        except _libvirt.libvirt.libvirtError:
+            state = "undefined"
+        domain.configs.pop(LIVE, None)
+        domain.state = state
+        message = "Domain %s stopped running during the change (it is now %s), before it could %s" % (domain.name, state, step.describe())
+        if domain in self.live_only:
+            self._fail(message + "; persistent: false changes the running domain only", done)
+        if PERSISTENT not in domain.configs or state == "undefined":
+            self._fail(message + "; it has no persistent configuration to change instead", done)
+        self.warnings.append(
+            message + ". Its live steps were skipped (its live configuration ended with it); its persistent configuration "
+            "and intent were changed as planned, so it has the devices when it starts."
+        )
+        return True
+
+    def _fail(self, message: str, done: list[Step], unplugged: list[dict] = ()) -> None:
+        undone, kept_out, problems = self._undo(done, unplugged)
+        if problems:
+            raise PassthroughError(message + ". Undoing the earlier steps failed too, check: " + "; ".join(problems))
+        if done:
+            names = sorted(set(step.domain.name for step in done))
+            text = message + ". The %d earlier step(s) were undone; %s left as they were." % (len(undone), ", ".join(names))
+            if kept_out:
+                text += (
+                    " Not put back, as its device is gone: %s (the persistent hostdev and the intent still name the device,"
+                    " so the reattach agent attaches it when it returns)." % "; ".join(kept_out)
+                )
+            raise PassthroughError(text)
+        raise PassthroughError(message + ". Nothing was changed.")
+
+    def _undo(self, done: list[Step], unplugged: list[dict] = ()) -> tuple[list[Step], list[str], list[str]]:
+        """Undo the steps done, last first: ``(undone, kept_out, problems)``. Live steps of a domain that stopped
+        running are moot, and a live hostdev of an unplugged device is not given back (it would designate nothing)."""
+        undone = []
+        kept_out = []
         problems = []
         for step in reversed(done):
+            if step.scope == LIVE and LIVE not in step.domain.configs:
+                continue
+            if step.scope == LIVE and step.action == "detach" and step.device is not None and step.device in unplugged:
+                kept_out.append(step.describe())
+                continue
             try:
                 _carry_out(step, undo=True)
+                undone.append(step)
             except _libvirt.libvirt.libvirtError as error:
                 problems.append("%s: %s" % (step.describe(), _libvirt.error_message(error)))
-        return problems
+        return undone, kept_out, problems
 
     def start(self, domain: Domain) -> None:
         if not self.check_mode:
@@ -547,6 +645,8 @@ class Planner:
         with maybe_lock(self.check_mode):
             self.load_domains()
             domain = self.domain(handle.UUIDString())
+            if not persistent:
+                self.live_only.append(domain)
             declaration = {domain.uuid: {"devices": selectors, "exclusive": exclusive, "auto_start": auto_start}}
             try:
                 wanted = self.plan_declaration(declaration, steal=steal, allow_host_critical=allow_host_critical, allow_absent=False, persistent=persistent)
@@ -561,6 +661,7 @@ class Planner:
         result = self.result(steps, started)
         result["devices"] = [self.model.device_view(device) for _selector, device in wanted[domain][1]]
         result["domain"] = domain.summary()
+        result["warnings"] = self.warnings
         result["diff"] = self.diff(self.touched or [domain])
         return result
 
@@ -592,6 +693,7 @@ class Planner:
         result["devices"] = [self.model.device_view(device) for device in present]
         result["domain"] = only.summary() if only else None
         result["domains"] = [domain.summary() for domain in self.touched]
+        result["warnings"] = self.warnings
         result["diff"] = self.diff(self.touched or ([only] if only else []))
         return result
 
@@ -628,6 +730,12 @@ class Planner:
             # Nothing names it either: the ordinary "no device matches" error, with what the host has.
             _usb.select_device(self.devices, selector)
         return found
+
+
+def _unplugged_text(devices: list[dict]) -> str:
+    if len(devices) == 1:
+        return "Device %s was unplugged during the change" % _usb.describe_device(devices[0])
+    return "Devices %s were unplugged during the change" % "; ".join(_usb.describe_device(device) for device in devices)
 
 
 def _carry_out(step: Step, undo: bool = False) -> None:

@@ -225,6 +225,20 @@ def read_device(device):
     }
 
 
+def still_plugged(device):
+    """Whether a device read earlier is still where it was: its sysfs directory still holds its bus and device
+    number, vendor:product and serial (a replug gives it a new device number). Five small reads, no udev."""
+    path = device["sys_path"]
+    now = (
+        _number(_attribute(path + "/busnum")),
+        _number(_attribute(path + "/devnum")),
+        (_attribute(path + "/idVendor") or "").lower(),
+        (_attribute(path + "/idProduct") or "").lower(),
+        _attribute(path + "/serial"),
+    )
+    return now == (device["bus"], device["device"], device["vendor_id"], device["product_id"], device["serial"])
+
+
 def _parent_port(sys_name, busnum):
     if "." in sys_name:
         return sys_name.rsplit(".", 1)[0]

@@ -12,6 +12,9 @@ partitions, each optionally with a third item, the names of the virtual block de
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
 import struct
 
 PCI_PATH = "/devices/pci0000:00/0000:00:14.0"
@@ -197,3 +200,14 @@ def _vhci_block(ports):
 def _escape(value):
     # umockdev reads attribute values up to the end of the line, with C escapes.
     return value.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def unplug(testbed, device):
+    """Pull a device of a described tree out of a running umockdev testbed (the directory umockdev-run gives its
+    command in UMOCKDEV_DIR), as the kernel does: its sysfs directory with its interfaces, its links under
+    /sys/bus/usb/devices and its /dev node are gone. What umockdev_testbed_remove_device() removes."""
+    port = device["port"]
+    shutil.rmtree(testbed + "/sys" + sysfs_path(port))
+    for link in [testbed + "/sys/bus/usb/devices/" + port] + glob.glob(testbed + "/sys/bus/usb/devices/" + port + ":*"):
+        os.unlink(link)
+    os.unlink("%s/dev/bus/usb/%03d/%03d" % (testbed, bus_of(port), device["devnum"]))
