@@ -374,19 +374,17 @@ class Planner:
         if self.check_mode:
             return steps
         relied = [step.device for step in steps if step.action == "attach" and step.device is not None]
-        intent_from = next((index for index, step in enumerate(steps) if step.action == "intent"), len(steps))
         done = []
-        for index, step in enumerate(steps + [None]):
-            if index in (0, intent_from):
+        for index, step in enumerate(steps):
+            if index == 0 or (step.action == "intent" and steps[index - 1].action != "intent"):
+                # Before the first step, and before the intent records them: every device the plan attaches.
                 self._check_plugged(relied, step, done)
-                if index == intent_from:
+                if step.action == "intent":
                     self._warn_unplugged_detached(steps)
-            if step is None:
-                break
+            elif step.action == "attach" and step.device is not None:
+                self._check_plugged([step.device], step, done)
             if step.scope == LIVE and LIVE not in step.domain.configs:
                 continue
-            if step.action == "attach" and step.device is not None and index not in (0, intent_from):
-                self._check_plugged([step.device], step, done)
             try:
                 _carry_out(step)
             except _libvirt.libvirt.libvirtError as error:
@@ -398,6 +396,9 @@ class Planner:
                     message = "%s: %s" % (_unplugged_text(unplugged), message)
                 self._fail(message, done, unplugged)
             done.append(step)
+        if steps and steps[-1].action != "intent":
+            self._check_plugged(relied, None, done)
+            self._warn_unplugged_detached(steps)
         return steps
 
     def _unplugged(self, devices: list[dict]) -> list[dict]:

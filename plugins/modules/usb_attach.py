@@ -30,6 +30,10 @@ description:
     or QEMU refuses a step, the steps already made are undone and libvirt's message is reported.
   - A selector with C(host) chooses a device of another KVM host, imported over USB/IP first (see the notes); when the
     run fails afterwards, the imports it made are released again.
+  - A device unplugged while the change is made fails it, naming the device, and the steps already made are
+    undone (a live hostdev of the unplugged device is not given back). A domain that stops running meanwhile
+    gets the persistent part and the intent, as a stopped domain would, and a warning says so; with
+    O(persistent=false) that fails instead, changing nothing.
 author:
   - kvmhost.usb contributors (!UNKNOWN)
 extends_documentation_fragment:

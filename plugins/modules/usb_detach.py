@@ -21,6 +21,8 @@ description:
     is released once no domain of the host claims it any more.
   - Changes are made live first, then in the persistent configuration, then in the intent; when libvirt
     refuses a step, the steps already made are undone and libvirt's message is reported.
+  - A device unplugged while it is detached is detached all the same (a detach needs no device), with a warning
+    naming it.
 author:
   - kvmhost.usb contributors (!UNKNOWN)
 extends_documentation_fragment:

@@ -21,6 +21,9 @@ description:
     Its intent is recorded and a warning says it is missing; the reattach agent attaches it when it appears.
   - When libvirt refuses a step, the steps of the pass already made are undone across all domains, and the
     message says what was left as it was.
+  - A device the pass attaches that is unplugged while the pass runs fails it the same way, naming the device; one
+    it only takes away does not, and a warning names it. A domain that stops running during the pass gets the
+    persistent part and the intent, with a warning.
   - Which hostdev stands for which device, who holds what, and the drift are answered by one host model, the same
     that M(kvmhost.usb.usb_facts), the P(kvmhost.usb.usb_drift#filter) filter and the reattach agent use. Intent
     entries record the device's serial, port and bound address beside its id, so a twin with the same serial
