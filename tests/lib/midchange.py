@@ -34,7 +34,8 @@ class PausedRun:
             if word in words:
                 return word, json.loads(data)
         self.process.wait(60)
-        raise AssertionError("the driver ended without %s (rc %s):\n%s\n%s" % (" or ".join(words), self.process.returncode, "".join(self.lines), self.process.stderr.read()))
+        output = "".join(self.lines) + self.process.stderr.read()
+        raise AssertionError("the driver ended without %s (rc %s):\n%s" % (" or ".join(words), self.process.returncode, output))
 
     def paused(self) -> dict:
         """Wait for the pause: ``{"steps": [the planned steps], "umockdev_dir": ...}``."""
