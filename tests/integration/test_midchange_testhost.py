@@ -38,7 +38,7 @@ STICK = "46f4:0001:KING0001"
 SERIAL = "KING0001"
 REMOTE = "/root/kvmhost-usb-midchange"
 MODULE_UTILS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(DRIVER)))), "plugins", "module_utils")
-PLANNER_FILES = ("_host.py", "_intent.py", "_libvirt.py", "_mounts.py", "_passthrough.py", "_usb.py")
+PLANNER_FILES = ("_crosshost.py", "_host.py", "_intent.py", "_libvirt.py", "_mounts.py", "_passthrough.py", "_usb.py", "_usbip.py")
 
 
 @pytest.fixture(scope="module")
