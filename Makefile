@@ -9,7 +9,7 @@ COLLECTIONS := build/collections
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/$(COLLECTIONS)
 
-.PHONY: all setup libvirtd libvirtd-stop collection-link demo test unit sanity lint docs docs-site publish matrix build testhost-image integration molecule benchmark clean
+.PHONY: all setup libvirtd libvirtd-stop collection-link demo test unit sanity lint docs docs-site publish matrix build testhost-image integration integration-crosshost molecule benchmark benchmark-crosshost clean
 
 # The ansible-core releases besides the project venv's (2.19) that meta/runtime.yml admits (>=2.16) and that
 # run on Python 3.11: `make matrix` runs sanity and the tests that depend on ansible-core on each of them.
@@ -86,12 +86,20 @@ testhost-image: setup
 integration: setup testhost-image
 	$(PY) -m pytest -q tests/integration
 
+# Only the two linked test hosts (USB/IP between them): the longest module of the real-USB tier.
+integration-crosshost: setup testhost-image
+	$(PY) -m pytest -q tests/integration/test_crosshost_testhost.py
+
 molecule: setup testhost-image
 	cd extensions && ../$(VENV)/bin/molecule test --all
 
 benchmark: setup
 	$(PY) benchmarks/usb_facts_enumeration.py
 	$(PY) benchmarks/converge_guests.py
+
+# Two linked test hosts: replug latency across hosts against a host-local replug, bulk read through USB/IP.
+benchmark-crosshost: setup testhost-image
+	$(PY) benchmarks/crosshost_replug.py
 
 demo: setup
 	$(PY) -m tests.testhost.demo

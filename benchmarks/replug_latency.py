@@ -50,10 +50,11 @@ print("seen", flush=True)
 """
 
 
-def agent_replug(host: TestHost) -> float:
+def agent_replug(host: TestHost, guest: str = GUEST, watch: TestHost | None = None) -> float:
+    """One replug of the stick on ``host``, timed until ``guest`` (on ``watch``, default ``host``) lists it again."""
     device = host.topology.device("stick")
     watcher = subprocess.Popen(
-        host.ssh_command(["python3", "-c", WATCHER, GUEST, PRODUCT]), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+        (watch or host).ssh_command(["python3", "-c", WATCHER, guest, PRODUCT]), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
     )
     try:
         with host.qmp() as qmp:

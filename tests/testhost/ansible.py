@@ -23,8 +23,11 @@ if TYPE_CHECKING:
 
 COLLECTIONS = os.path.join(REPO, "build", "collections")
 PLAYBOOKS = os.path.join(REPO, "playbooks")
-RESULT_LINE = re.compile(r"^testhost \| (?P<status>[A-Z!]+)(?: \| rc=-?\d+)? => ", re.MULTILINE)
-RECAP = re.compile(r"^testhost\s+: ok=\d+\s+changed=(?P<changed>\d+)\s+unreachable=\d+\s+failed=(?P<failed>\d+)", re.M)
+# An ad-hoc result line and a recap line of the host named %s.
+RESULT_LINE_OF = r"^%s \| (?P<status>[A-Z!]+)(?: \| rc=-?\d+)? => "
+RECAP_OF = r"^%s\s+: ok=\d+\s+changed=(?P<changed>\d+)\s+unreachable=\d+\s+failed=(?P<failed>\d+)"
+RESULT_LINE = re.compile(RESULT_LINE_OF % "testhost", re.MULTILINE)
+RECAP = re.compile(RECAP_OF % "testhost", re.MULTILINE)
 
 
 class AnsibleError(RuntimeError):
@@ -63,7 +66,12 @@ def run_module(host: TestHost, module: str, args: dict[str, Any] | None = None, 
     ``failed`` is true for a failed or unreachable host; this function does not raise on a
     failed module, only when ansible printed no result at all.
     """
-    command = [tool("ansible"), "-i", host.inventory, "testhost", "-m", module]
+    return run_module_on(host.inventory, "testhost", module, args, check, diff)
+
+
+def run_module_on(inventory: str, name: str, module: str, args: dict[str, Any] | None = None, check: bool = False, diff: bool = False) -> dict[str, Any]:
+    """run_module() on the host ``name`` of an inventory with several hosts (the others' hostvars visible to it)."""
+    command = [tool("ansible"), "-i", inventory, name, "-m", module]
     if args:
         command += ["-a", json.dumps(args)]
     if check:
@@ -71,7 +79,7 @@ def run_module(host: TestHost, module: str, args: dict[str, Any] | None = None, 
     if diff:
         command.append("--diff")
     process = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=900, check=False)
-    matches = list(RESULT_LINE.finditer(process.stdout))
+    matches = list(re.finditer(RESULT_LINE_OF % re.escape(name), process.stdout, re.MULTILINE))
     if not matches:
         raise AnsibleError("ansible %s printed no result (rc %d):\n%s\n%s" % (module, process.returncode, process.stdout, process.stderr))
     result = json.loads(process.stdout[matches[-1].end():])
@@ -108,6 +116,23 @@ def play(host: TestHost, playbook: str, directory: str | os.PathLike, hostvars: 
         raise AnsibleError("playbooks/%s printed no recap (rc %d):\n%s\n%s" % (playbook, process.returncode, process.stdout, process.stderr))
     process.changed = int(recap.group("changed"))  # type: ignore[attr-defined]
     process.failed = int(recap.group("failed"))  # type: ignore[attr-defined]
+    return process
+
+
+def play_fleet(inventory: str, playbook: str, *options: str) -> subprocess.CompletedProcess:
+    """One of the collection's playbooks over an inventory of several hosts; the CompletedProcess (text) with
+    ``changed`` and ``failed``: each host's counts in the recap, by name. Raises AnsibleError without a recap."""
+    with open(inventory) as handle:
+        names = list(yaml.safe_load(handle)["all"]["hosts"])
+    command = [tool("ansible-playbook"), "-i", inventory, os.path.join(PLAYBOOKS, playbook)] + list(options)
+    process = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=1800, check=False)
+    process.changed, process.failed = {}, {}  # type: ignore[attr-defined]
+    for name in names:
+        recap = re.search(RECAP_OF % re.escape(name), process.stdout, re.MULTILINE)
+        if not recap:
+            raise AnsibleError("playbooks/%s printed no recap for %s (rc %d):\n%s\n%s" % (playbook, name, process.returncode, process.stdout, process.stderr))
+        process.changed[name] = int(recap.group("changed"))  # type: ignore[attr-defined]
+        process.failed[name] = int(recap.group("failed"))  # type: ignore[attr-defined]
     return process
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -43,6 +45,26 @@ class TestHostError(RuntimeError):
     """The test host could not be built, booted or reached."""
 
 
+@dataclasses.dataclass
+class Link:
+    """A second NIC (eth1 inside, address ``address``/24) on a private link between two test hosts, carried
+    over loopback by a QEMU socket netdev: one end listens on 127.0.0.1:``port``, the other connects to it."""
+
+    address: str
+    mac: str
+    port: int
+    listen: bool
+
+    NETDEV = "link"
+
+    def qemu_arguments(self) -> list[str]:
+        mode = "listen" if self.listen else "connect"
+        return [
+            "-netdev", "socket,id=%s,%s=127.0.0.1:%d" % (self.NETDEV, mode, self.port),
+            "-device", "virtio-net-pci,netdev=%s,id=%s-nic,mac=%s" % (self.NETDEV, self.NETDEV, self.mac),
+        ]
+
+
 class TestHost:
     """A named test host. ``start()`` boots it (stopping a stale one of the same name first)."""
 
@@ -54,12 +76,17 @@ class TestHost:
         topology_file: str | None = None,
         memory_mib: int = 2048,
         cpus: int = 2,
+        link: Link | None = None,
+        stick_files: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.topology_file = topology_file or topology.DEFAULT
         self.topology = topology.load(self.topology_file)
         self.memory_mib = memory_mib
         self.cpus = cpus
+        self.link = link
+        # Files written into every storage device's filesystem on the outer side, before boot.
+        self.stick_files = stick_files or {}
         self.run_dir = os.path.join(RUN_ROOT, name)
         self.ssh_port: int | None = None
         self._read_state()
@@ -114,7 +141,7 @@ class TestHost:
         )
         for device in self.topology.devices:
             if device.kind == "storage":
-                _make_stick(qmp.storage_image(device, self.run_dir), device.size_mib)
+                _make_stick(qmp.storage_image(device, self.run_dir), device.size_mib, self.stick_files)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "kvmhost-testhost", "-f", self.ssh_key], check=True)
         for attempt in range(3):
             self.ssh_port = _free_port()
@@ -200,6 +227,11 @@ class TestHost:
             "-drive", "file=%s,if=virtio,format=qcow2,cache=unsafe" % self._path("overlay.qcow2"),
             "-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:%d-:22" % self.ssh_port,
             "-device", "virtio-net-pci,netdev=net0",
+        ]
+        if self.link:
+            command[command.index("-append") + 1] += " kvmhost.link=%s/24" % self.link.address
+            command += self.link.qemu_arguments()
+        command += [
             "-device", "qemu-xhci,id=%s,p2=%d,p3=%d" % (topology.CONTROLLER_ID, self.topology.ports, self.topology.ports),
         ]
         for device in self.topology.devices:
@@ -229,7 +261,10 @@ class TestHost:
 
     # State shared by the processes that use one test host (CLI, molecule, pytest).
     def _write_state(self) -> None:
-        state = {"ssh_port": self.ssh_port, "topology": self.topology_file, "memory_mib": self.memory_mib, "cpus": self.cpus}
+        state = {
+            "ssh_port": self.ssh_port, "topology": self.topology_file, "memory_mib": self.memory_mib, "cpus": self.cpus,
+            "link": dataclasses.asdict(self.link) if self.link else None,
+        }
         with open(self._path("state.json"), "w") as handle:
             json.dump(state, handle)
 
@@ -249,7 +284,8 @@ class TestHost:
                 state = json.load(handle)
         except OSError:
             raise TestHostError("no test host %r has been started" % name) from None
-        return cls(name, state["topology"], state["memory_mib"], state["cpus"])
+        link = Link(**state["link"]) if state.get("link") else None
+        return cls(name, state["topology"], state["memory_mib"], state["cpus"], link)
 
     def _write_known_hosts(self, built: image.Image) -> None:
         with open(built.host_keys) as source, open(self.known_hosts, "w") as out:
@@ -259,7 +295,12 @@ class TestHost:
                     out.write("[127.0.0.1]:%d %s %s\n" % (self.ssh_port, key_type, key))
 
     def _write_inventory(self) -> None:
-        hostvars = {
+        with open(self.inventory, "w") as handle:
+            yaml.safe_dump({"all": {"hosts": {"testhost": self.connection_vars()}}}, handle, default_flow_style=False)
+
+    def connection_vars(self) -> dict[str, Any]:
+        """The Ansible host variables that reach this test host over SSH."""
+        return {
             "ansible_host": "127.0.0.1",
             "ansible_port": self.ssh_port,
             "ansible_user": "root",
@@ -267,8 +308,6 @@ class TestHost:
             "ansible_ssh_common_args": "-o UserKnownHostsFile=%s -o StrictHostKeyChecking=yes" % self.known_hosts,
             "ansible_python_interpreter": "/usr/bin/python3",
         }
-        with open(self.inventory, "w") as handle:
-            yaml.safe_dump({"all": {"hosts": {"testhost": hostvars}}}, handle, default_flow_style=False)
 
     # SSH.
     def _ssh_base(self) -> list[str]:
@@ -407,11 +446,15 @@ def remove_orphans(prefix: str) -> None:
             TestHost(name).remove()
 
 
-def _make_stick(path: str, size_mib: int) -> None:
+def _make_stick(path: str, size_mib: int, files: dict[str, str] | None = None) -> None:
     with open(path, "wb") as handle:
         handle.truncate(size_mib * 1024 * 1024)
-    # A filesystem on it, so that a test can mount it like a real stick.
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "STICK", path], check=True)
+    # A filesystem on it, so that a test can mount it like a real stick; with ``files`` in it if given.
+    with tempfile.TemporaryDirectory(prefix="kvmhost-stick-") as content:
+        for name, text in (files or {}).items():
+            with open(os.path.join(content, name), "w") as handle:
+                handle.write(text)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "STICK", "-d", content, path], check=True)
 
 
 def _free_port() -> int:

@@ -30,6 +30,37 @@ UNIT
 chroot "$root" systemctl enable kvmhost-net.service >/dev/null 2>&1
 echo 'nameserver 10.0.2.3' >"$root/etc/resolv.conf"
 
+# A second NIC (eth1) links two test hosts over loopback; its address comes on the kernel
+# command line (kvmhost.link=10.77.0.N/24), so the image stays the same for every host.
+cat >"$root/usr/local/sbin/kvmhost-link" <<'LINK'
+#!/bin/sh
+set -eu
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        kvmhost.link=*)
+            ip link set eth1 up
+            ip address add "${word#kvmhost.link=}" dev eth1
+            ;;
+    esac
+done
+LINK
+chmod 755 "$root/usr/local/sbin/kvmhost-link"
+cat >"$root/etc/systemd/system/kvmhost-link.service" <<'UNIT'
+[Unit]
+Description=Address of the link between two test hosts
+DefaultDependencies=no
+BindsTo=sys-subsystem-net-devices-eth1.device
+After=sys-subsystem-net-devices-eth1.device
+Before=network.target
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/sbin/kvmhost-link
+[Install]
+WantedBy=sys-subsystem-net-devices-eth1.device
+UNIT
+chroot "$root" systemctl enable kvmhost-link.service >/dev/null 2>&1
+
 # The run's public key comes on the kernel command line (kvmhost.ssh_key=<base64>),
 # so the cached image holds no key and every run brings its own.
 cat >"$root/usr/local/sbin/kvmhost-ssh-key" <<'KEY'
