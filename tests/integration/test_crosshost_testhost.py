@@ -11,6 +11,7 @@ The two-host tests live in this module of their own: they are the longest of the
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import time
@@ -24,6 +25,7 @@ from tests.integration.conftest import PREFIX
 from tests.testhost import TestHost
 from tests.testhost.ansible import play_fleet, run_module_on
 from tests.testhost.host import owned_name
+from tests.testhost.paths import REPO
 from tests.testhost.pair import A_NAME, B_NAME, MARKER_FILE, STRANGER_ADDRESS, LinkedPair
 
 GUEST = "crossvm"
@@ -35,6 +37,9 @@ EXPORTS = "/etc/kvmhost-usb/exports.json"
 IMPORTS_DIR = "/run/kvmhost-usb/imports"
 VHCI_STATUS = "/sys/devices/platform/vhci_hcd.0/status"
 MARKER = "kvmhost.usb cross-host marker " + secrets.token_hex(8)
+USBIP_SOURCE = os.path.join(REPO, "plugins", "module_utils", "_usbip.py")
+SMOKE_DIR = "/root/usbip-smoke"
+SMOKE_UNIT = "usbip-smoke-exporter"
 
 # Run on a test host: mount the stick with this serial read-only and print the marker file.
 READ_MARKER = r"""
@@ -178,6 +183,39 @@ def test_link_and_stock_usbip_carry_the_stick(pair: LinkedPair) -> None:
     finally:
         pair.a.ssh("usbip", "unbind", "--busid", port, check=False)
         pair.a.ssh("sh", "-c", "kill $(cat /run/smoke-usbipd.pid)", check=False)
+    pair.a.wait_usb(lambda devices: driver_of(pair.a, port) == "usb", timeout=30)
+    assert vhci_ports_in_use(pair.b) == []
+
+
+def test_the_collections_exporter_and_importer_carry_the_stick_and_refuse_a_stranger(pair: LinkedPair) -> None:
+    """_usbip as it is, below the roles: the exporter run by hand on A, ensure_import / release_import on B."""
+    with open(USBIP_SOURCE) as handle:
+        source = handle.read()
+    for host in (pair.a, pair.b):
+        host.ssh("sh", "-c", "mkdir -p %s && cat > %s/_usbip.py" % (SMOKE_DIR, SMOKE_DIR), input=source)
+    pair.a.ssh("modprobe", "usbip-host")
+    pair.b.ssh("modprobe", "vhci-hcd")
+    table = {"listen": pair.a_address, "port": 3240, "exports": [
+        {"id": STICK, "selector": {"id": STICK}, "importer": B_NAME, "importer_address": pair.b_address, "domain": GUEST}]}
+    pair.a.ssh("sh", "-c", "cat > %s/exports.json" % SMOKE_DIR, input=json.dumps(table))
+    pair.a.ssh("systemd-run", "--unit", SMOKE_UNIT, "--", "python3", SMOKE_DIR + "/_usbip.py", "serve", "--exports", SMOKE_DIR + "/exports.json")
+    port = stick_port(pair)
+    try:
+        pair.a.wait_usb(lambda devices: driver_of(pair.a, port) == "usbip-host", timeout=30)
+        importer = "import json, sys; sys.path.insert(0, %r); import _usbip; print(json.dumps(_usbip.%s))"
+        record = json.loads(pair.b.ssh("python3", "-c", importer % (SMOKE_DIR, "ensure_import(%r, %r, {'id': %r})" % (A_NAME, pair.a_address, STICK))).stdout)
+        assert (record["host"], record["busid"], record["id"]) == (A_NAME, port, STICK), record
+        assert read_marker(pair.b) == MARKER
+        assert pair.probe(STRANGER_ADDRESS)["outcome"] == "closed"
+        assert pair.probe(pair.b_address)["outcome"] == "answered"
+        assert json.loads(pair.b.ssh("python3", "-c", importer % (SMOKE_DIR, "release_import(%r, %r, %r)" % (A_NAME, pair.a_address, STICK))).stdout) is True
+        wait_gone_from_b(pair)
+        lines = pair.a.ssh("journalctl", "-u", SMOKE_UNIT, "-o", "cat", "--no-pager").stdout.splitlines()
+        assert "refused connection from %s: no export is declared for it" % STRANGER_ADDRESS in lines, lines
+        assert len([line for line in lines if line.startswith("exported %s (%s) to %s" % (port, STICK, B_NAME))]) == 1, lines
+    finally:
+        pair.a.ssh("systemctl", "stop", SMOKE_UNIT, check=False)
+        pair.a.ssh("usbip", "unbind", "--busid", port, check=False)
     pair.a.wait_usb(lambda devices: driver_of(pair.a, port) == "usb", timeout=30)
     assert vhci_ports_in_use(pair.b) == []
 
