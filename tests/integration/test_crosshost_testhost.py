@@ -160,6 +160,12 @@ def wait_gone_from_b(pair: LinkedPair, timeout: float = 60.0) -> None:
         time.sleep(1)
 
 
+def unload_usbip(pair: LinkedPair) -> None:
+    """Unload the USB/IP modules a smoke test loaded: the collection's path then starts from fresh hosts."""
+    pair.a.ssh("modprobe", "-r", "usbip-host")
+    pair.b.ssh("modprobe", "-r", "vhci-hcd")
+
+
 # The harness itself: the link, and the stock kernel's USB/IP driven by Debian's usbip tools.
 
 
@@ -185,6 +191,7 @@ def test_link_and_stock_usbip_carry_the_stick(pair: LinkedPair) -> None:
         pair.a.ssh("sh", "-c", "kill $(cat /run/smoke-usbipd.pid)", check=False)
     pair.a.wait_usb(lambda devices: driver_of(pair.a, port) == "usb", timeout=30)
     assert vhci_ports_in_use(pair.b) == []
+    unload_usbip(pair)
 
 
 def test_the_collections_exporter_and_importer_carry_the_stick_and_refuse_a_stranger(pair: LinkedPair) -> None:
@@ -218,6 +225,7 @@ def test_the_collections_exporter_and_importer_carry_the_stick_and_refuse_a_stra
         pair.a.ssh("usbip", "unbind", "--busid", port, check=False)
     pair.a.wait_usb(lambda devices: driver_of(pair.a, port) == "usb", timeout=30)
     assert vhci_ports_in_use(pair.b) == []
+    unload_usbip(pair)
 
 
 # The collection's path: converge over both hosts.

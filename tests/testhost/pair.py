@@ -115,7 +115,10 @@ class LinkedPair:
         deadline = time.monotonic() + timeout
         while self.b.ssh("ping", "-c", "1", "-W", "2", self.a_address, check=False).returncode != 0:
             if time.monotonic() > deadline:
-                raise TimeoutError("B does not reach A over the link: %s" % self.b.ssh("ip", "address", "show", "eth1").stdout)
+                raise TimeoutError(
+                    "B does not reach A over the link; A: %s\nB: %s"
+                    % (self.a.ssh("ip", "-s", "address", "show", "eth1").stdout, self.b.ssh("ip", "-s", "address", "show", "eth1").stdout)
+                )
             time.sleep(1)
 
     def set_link(self, up: bool) -> None:
