@@ -113,6 +113,10 @@ class LinkedPair:
 
     def wait_link(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
+        # Set at boot (kvmhost-link.service); again here, idempotently, in case a host's unit lost the race with its NIC.
+        for host in (self.a, self.b):
+            host.ssh("ip", "link", "set", "eth1", "up")
+            host.ssh("ip", "address", "replace", host.link.address + "/24", "dev", "eth1")
         while self.b.ssh("ping", "-c", "1", "-W", "2", self.a_address, check=False).returncode != 0:
             if time.monotonic() > deadline:
                 raise TimeoutError(
