@@ -78,7 +78,7 @@ def main() -> int:
     parser.add_argument("--reads", type=int, default=3)
     args = parser.parse_args()
     with LinkedPair("bench-crosshost") as pair, tempfile.TemporaryDirectory(prefix="kvmhost-bench-") as tmp:
-        direct = [bulk_read(pair.a) for _ in range(args.reads)]
+        direct = [bulk_read(pair.a) for read in range(args.reads)]
         print("bulk read on A directly: %s MB/s" % ", ".join("%.1f" % rate for rate in direct), flush=True)
 
         with pair.a.running_guest(GUEST):
@@ -91,7 +91,7 @@ def main() -> int:
         try:
             converge(pair, tmp, {B_NAME: {"usb_passthrough": {GUEST: {"devices": [{"host": A_NAME, "id": STICK}]}}}})
             pair.b.wait_usb(lambda devices: any(device["serial"] == SERIAL for device in devices), timeout=120)
-            imported = [bulk_read(pair.b) for _ in range(args.reads)]
+            imported = [bulk_read(pair.b) for read in range(args.reads)]
             print("bulk read on B through USB/IP: %s MB/s" % ", ".join("%.1f" % rate for rate in imported), flush=True)
             pair.b.ssh("virsh", "-q", "-c", "qemu:///system", "start", GUEST)
             wait_in_guest(pair.b, GUEST, SERIAL, timeout=180)
