@@ -119,11 +119,14 @@ class LinkedPair:
             host.ssh("ip", "address", "replace", host.link.address + "/24", "dev", "eth1")
         while self.b.ssh("ping", "-c", "1", "-W", "2", self.a_address, check=False).returncode != 0:
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    "B does not reach A over the link; A: %s\nB: %s"
-                    % (self.a.ssh("ip", "-s", "address", "show", "eth1").stdout, self.b.ssh("ip", "-s", "address", "show", "eth1").stdout)
-                )
+                raise TimeoutError("B does not reach A over the link\n%s" % "\n".join(self._link_report(host) for host in (self.a, self.b)))
             time.sleep(1)
+
+    @staticmethod
+    def _link_report(host: TestHost) -> str:
+        with host.qmp() as connection:
+            network = connection.execute("human-monitor-command", **{"command-line": "info network"})
+        return "%s: %s%s" % (host.name, host.ssh("ip", "-s", "address", "show", "eth1", check=False).stdout, network)
 
     def set_link(self, up: bool) -> None:
         """Cut (or restore) the link: QMP set_link on A's link NIC, as if its cable were pulled."""
