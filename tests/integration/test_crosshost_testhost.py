@@ -174,7 +174,7 @@ def test_link_and_stock_usbip_carry_the_stick(pair: LinkedPair) -> None:
     port = stick_port(pair)
     pair.a.ssh("modprobe", "usbip-host")
     pair.b.ssh("modprobe", "vhci-hcd")
-    pair.a.ssh("usbipd", "--daemon", "--pid", "/run/smoke-usbipd.pid")
+    pair.a.ssh("usbipd", "--daemon", "--pid=/run/smoke-usbipd.pid")
     try:
         pair.a.ssh("usbip", "bind", "--busid", port)
         assert driver_of(pair.a, port) == "usbip-host"
@@ -391,7 +391,7 @@ def test_usb_detach_ad_hoc_removes_export_and_import(pair: LinkedPair, guest_b: 
     "devices, message",
     [
         ([{"host": "kvm9", "id": STICK}], r"kvm9.*not in the inventory"),
-        ([{"host": A_NAME, "id": "46f4:0001:NOPE0001"}], r"46f4:0001:NOPE0001.*(absent|not (present|found|plugged))"),
+        ([{"host": A_NAME, "id": "46f4:0001:NOPE0001"}], r"No USB device matches \(id=46f4:0001:NOPE0001\)"),
     ],
     ids=["unknown host", "device absent on A"],
 )
