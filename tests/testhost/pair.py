@@ -113,7 +113,7 @@ class LinkedPair:
 
     def wait_link(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
-        # Set at boot (kvmhost-link.service); again here, idempotently, in case a host's unit lost the race with its NIC.
+        # A's address (and B's again, idempotently: set at boot by kvmhost-link.service) now that B is connected.
         for host in (self.a, self.b):
             host.ssh("ip", "link", "set", "eth1", "up")
             host.ssh("ip", "address", "replace", host.link.address + "/24", "dev", "eth1")
