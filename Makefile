@@ -9,7 +9,7 @@ COLLECTIONS := build/collections
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/$(COLLECTIONS)
 
-.PHONY: all setup libvirtd libvirtd-stop collection-link demo test unit sanity lint docs docs-site publish matrix build testhost-image integration molecule benchmark soak clean
+.PHONY: all setup libvirtd libvirtd-stop collection-link demo test unit sanity lint docs docs-site publish matrix build testhost-image integration molecule benchmark benchmark-replug soak clean
 
 # The ansible-core releases besides the project venv's (2.19) that meta/runtime.yml admits (>=2.16) and that
 # run on Python 3.11: `make matrix` runs sanity and the tests that depend on ansible-core on each of them.
@@ -92,6 +92,10 @@ molecule: setup testhost-image
 benchmark: setup
 	$(PY) benchmarks/usb_facts_enumeration.py
 	$(PY) benchmarks/converge_guests.py
+
+# The reattach agent against the udev-rule peer operators run instead, on the test host (a few minutes).
+benchmark-replug: setup testhost-image
+	$(PY) benchmarks/replug_latency.py
 
 # The agent over REPLUGS replugs, 6 s apart, on the test host: about 20 minutes for the default 200.
 REPLUGS ?= 200
