@@ -4,7 +4,7 @@
 
 * replug latency: the stick on host A is pulled out through QMP; once the guest holding it no longer
   lists it, QMP ``device_add`` plugs it back in, and the time until the guest's ``info usb`` lists it
-  again is taken (benchmarks/replug_latency.py's watcher). Host-local: the guest runs on A itself,
+  again is taken (tests/integration/agent_support.py's watcher). Host-local: the guest runs on A itself,
   reattached by A's agent. Across hosts: the guest runs on B, declared with ``host: kvm1``, brought back
   by A's exporter, B's agent import and attach. Median of ``--replugs`` each.
 * bulk read: ``dd`` of the whole stick with O_DIRECT, on A directly and on B through the import
@@ -29,9 +29,7 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from replug_latency import agent_replug  # noqa: E402
-
-from tests.integration.agent_support import wait_in_guest  # noqa: E402
+from tests.integration.agent_support import timed_replug, wait_in_guest  # noqa: E402
 from tests.testhost import TestHost  # noqa: E402
 from tests.testhost.ansible import play_fleet  # noqa: E402
 from tests.testhost.pair import A_NAME, B_NAME, LinkedPair  # noqa: E402
@@ -66,7 +64,10 @@ def bulk_read(host: TestHost) -> float:
 def replugs(count: int, plug: TestHost, watch: TestHost, label: str) -> list[float]:
     times = []
     for number in range(count):
-        times.append(agent_replug(plug, GUEST, watch))
+        seconds = timed_replug(plug, GUEST, "stick", "QEMU USB HARDDRIVE", timeout=180, watch=watch)
+        if seconds is None:
+            raise RuntimeError("%s replug %d: the stick did not come back into %s" % (label, number + 1, GUEST))
+        times.append(seconds)
         print("%s replug %2d: %.2f s" % (label, number + 1, times[-1]), flush=True)
         wait_in_guest(watch, GUEST, SERIAL, timeout=180)
     return times

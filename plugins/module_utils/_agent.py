@@ -18,9 +18,9 @@ USB/IP first (``Importer``, ``_usbip.ensure_import``), so that it is a local dev
 the import fails (the exporting host, its exporter or the link down) passes come sooner, with backoff, and the failure
 is logged once; an import lost (the device replugged over there, the connection broken) is logged and made again.
 
-Domains without the intent are never touched. ``Agent`` runs the passes: at start, after a burst of
-udev (usb_device add/remove) or libvirt (domain started) events has been quiet for a moment, on a
-periodic timer, and at once whenever it (re)connects to libvirt. While libvirt does not answer (down
+Domains without the intent are never touched. ``Agent`` runs the passes: at start, at once on a udev
+(usb_device add/remove) or libvirt (domain started) event that follows a quiet moment, after a burst of
+such events has been quiet for a moment, on a periodic timer, and at once whenever it (re)connects to libvirt. While libvirt does not answer (down
 at start, or restarted) it retries every second or two; what udev reported meanwhile is caught up by
 the pass that follows the reconnect. A pass killed half-way leaves nothing the next one cannot finish:
 hostdevs change before the intent that records them, and the planner recognises either half. It prints
@@ -225,32 +225,39 @@ CLOSE_REASONS = {0: "error", 1: "end of file", 2: "keepalive timeout", 3: "close
 
 
 class Debouncer:
-    """Coalesces a burst of events: due once no event came for ``quiet`` seconds, or ``longest``
-    seconds after the first event of a burst that does not stop."""
+    """Coalesces a burst of events. An event that none came for ``quiet`` seconds before is due at once, so
+    that a single plug or unplug is acted on without delay. The events of a burst, those that follow another
+    closely or came during a pass, wait until none came for ``quiet`` seconds, or ``longest`` seconds after the
+    first of them in a burst that does not stop."""
 
     def __init__(self, quiet=0.5, longest=3.0):
         self.quiet = quiet
         self.longest = longest
         self.first = None
         self.last = None
+        self.previous = None
+        self.leading = False
 
     @property
     def pending(self):
         return self.first is not None
 
-    def poke(self, now):
+    def poke(self, now, during_pass=False):
         if self.first is None:
             self.first = now
+            self.leading = not during_pass and (self.previous is None or now - self.previous >= self.quiet)
         self.last = now
+        self.previous = now
 
     def due(self, now):
         if self.first is None:
             return False
-        return now - self.last >= self.quiet or now - self.first >= self.longest
+        return self.leading or now - self.last >= self.quiet or now - self.first >= self.longest
 
     def clear(self):
         self.first = None
         self.last = None
+        self.leading = False
 
 
 TICK_MS = 100
@@ -287,17 +294,21 @@ class Agent:
 
     # Events
 
-    def poke(self):
-        self.debouncer.poke(self.clock())
-        _libvirt.libvirt.virEventUpdateTimeout(self.tick, TICK_MS)
+    def poke(self, during_pass=False):
+        now = self.clock()
+        self.debouncer.poke(now, during_pass)
+        _libvirt.libvirt.virEventUpdateTimeout(self.tick, 0 if self.debouncer.due(now) else TICK_MS)
 
     def on_udev(self, _watch, _fd, _events, _opaque):
+        self.read_udev()
+
+    def read_udev(self, during_pass=False):
         while True:
             device = self.monitor.poll(timeout=0)
             if device is None:
                 return
             if device.action in ("add", "remove"):
-                self.poke()
+                self.poke(during_pass)
 
     def on_lifecycle(self, _conn, _domain, event, _detail, _opaque):
         if event == _libvirt.libvirt.VIR_DOMAIN_EVENT_STARTED:
@@ -310,12 +321,12 @@ class Agent:
         self.pass_()
 
     def on_tick(self, _timer, _opaque):
-        now = self.clock()
-        if self.debouncer.due(now):
+        if self.debouncer.due(self.clock()):
             self.debouncer.clear()
             self.pass_()
-        if not self.debouncer.pending:
-            _libvirt.libvirt.virEventUpdateTimeout(self.tick, -1)
+            # What udev reported during the pass is part of a burst: it waits for a quiet moment.
+            self.read_udev(during_pass=True)
+        _libvirt.libvirt.virEventUpdateTimeout(self.tick, TICK_MS if self.debouncer.pending else -1)
 
     def on_period(self, _timer, _opaque):
         self.pass_()
@@ -443,7 +454,7 @@ class Agent:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="kvmhost-usb-agent", description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--uri", default="qemu:///system", help="libvirt URI (default: %(default)s)")
-    parser.add_argument("--quiet", type=float, default=0.5, help="seconds without events before a pass (default: %(default)s)")
+    parser.add_argument("--quiet", type=float, default=0.5, help="seconds of quiet after which an event makes a pass at once (default: %(default)s)")
     parser.add_argument("--longest", type=float, default=3.0, help="longest delay of a pass in a burst of events (default: %(default)s)")
     parser.add_argument("--period", type=float, default=60.0, help="seconds between full passes without events (default: %(default)s)")
     parser.add_argument("--once", action="store_true", help="make one pass and exit")

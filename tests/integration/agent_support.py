@@ -1,11 +1,12 @@
 """The reattach agent on a test host: installed and removed through the kvmhost.usb.passthrough role
-(the path operators take), its journal, and waits on what a guest sees. Shared by
-tests/integration/test_agent_testhost.py and benchmarks/replug_latency.py."""
+(the path operators take), its journal and process, waits on what a guest sees, and a timed replug. Shared by
+tests/integration/test_agent_testhost.py, tests/soak/soak_replug.py and benchmarks/replug_latency.py."""
 
 from __future__ import annotations
 
 import os
 import re
+import subprocess
 import tempfile
 import time
 from typing import Any
@@ -35,6 +36,63 @@ def set_agent(host: TestHost, enabled: bool, period: int = 60) -> str:
     if process.returncode != 0:
         raise AssertionError("the agent playbook failed:\n%s\n%s" % (process.stdout, process.stderr))
     return process.stdout
+
+
+# Run on the test host: prints "gone" once the guest's `info usb` no longer lists the product (the stale
+# hostdev removed), then "back" once it lists it again; "timeout" when either takes too long.
+WATCHER = """
+import sys, time, libvirt, libvirt_qemu
+domain = libvirt.open("qemu:///system").lookupByName(sys.argv[1])
+product, timeout = sys.argv[2], float(sys.argv[3])
+def listed():
+    text = libvirt_qemu.qemuMonitorCommand(domain, "info usb", libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+    return product in text
+for present, word in ((False, "gone"), (True, "back")):
+    deadline = time.monotonic() + timeout
+    while listed() != present:
+        if time.monotonic() > deadline:
+            print("timeout", flush=True)
+            sys.exit(1)
+        time.sleep(0.02)
+    print(word, flush=True)
+"""
+
+
+def timed_replug(
+    host: TestHost, guest: str, device_id: str, product: str, port: str | None = None, timeout: float = 60.0, watch: TestHost | None = None
+) -> float | None:
+    """Pull a device the running guest holds out through QMP; once whatever keeps the guest's devices (the agent
+    or its peer) has removed the stale hostdev, plug it back in (into ``port`` if given). The seconds from QMP
+    ``device_add`` until the guest's ``info usb`` lists ``product`` again, polled every 20 ms on the test host
+    that runs the guest (``watch``, default ``host``); None when the stale hostdev stayed or the device did not
+    come back within ``timeout`` seconds."""
+    device = host.topology.device(device_id)
+    command = (watch or host).ssh_command(["python3", "-c", WATCHER, guest, product, str(timeout)])
+    watcher = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        with host.qmp() as qmp:
+            qmp.unplug(device_id)
+            gone = watcher.stdout.readline().strip() == "gone"
+            qmp.ensure_backend(device, host.run_dir)
+            start = time.monotonic()
+            qmp.plug(device, port)
+        if not gone or watcher.stdout.readline().strip() != "back":
+            return None
+        return time.monotonic() - start
+    finally:
+        watcher.kill()
+        watcher.wait()
+
+
+def agent_process(host: TestHost) -> dict[str, int]:
+    """The agent's main process now: ``pid``, ``rss_kib`` (VmRSS) and ``fds`` (open file descriptors)."""
+    pid = int(host.ssh("systemctl", "show", "--property", "MainPID", "--value", UNIT).stdout)
+    if not pid:
+        raise AssertionError("%s is not running" % UNIT)
+    status = host.ssh("cat", "/proc/%d/status" % pid).stdout
+    rss = int(re.search(r"^VmRSS:\s+(\d+) kB$", status, re.M).group(1))
+    fds = len(host.ssh("ls", "/proc/%d/fd" % pid).stdout.split())
+    return {"pid": pid, "rss_kib": rss, "fds": fds}
 
 
 def journal(host: TestHost) -> list[str]:

@@ -178,17 +178,38 @@ def test_the_files_the_role_installs_are_all_the_agent_imports(tmp_path):
     assert process.returncode == 0, process.stderr
 
 
-def test_debounce_waits_for_a_quiet_moment():
+def test_debounce_acts_at_once_on_an_event_after_a_quiet_moment():
     debouncer = Debouncer(quiet=0.5, longest=3.0)
     assert not debouncer.due(0.0)
-    for now in (10.0, 10.2, 10.4, 10.6):
-        debouncer.poke(now)
-        assert not debouncer.due(now + 0.1)
-    assert not debouncer.due(11.0)
-    assert debouncer.due(11.1)
+    debouncer.poke(10.0)
+    assert debouncer.due(10.0)
     debouncer.clear()
     assert not debouncer.pending
     assert not debouncer.due(20.0)
+    # A replug: its add long enough after its remove is acted on at once too.
+    debouncer.poke(10.6)
+    assert debouncer.due(10.6)
+
+
+def test_debounce_waits_for_a_quiet_moment_in_a_burst():
+    debouncer = Debouncer(quiet=0.5, longest=3.0)
+    debouncer.poke(10.0)
+    debouncer.clear()
+    for now in (10.2, 10.4, 10.6, 10.8):
+        debouncer.poke(now)
+        assert not debouncer.due(now + 0.1)
+    assert not debouncer.due(11.2)
+    assert debouncer.due(11.3)
+
+
+def test_debounce_waits_for_a_quiet_moment_after_events_during_a_pass():
+    debouncer = Debouncer(quiet=0.5, longest=3.0)
+    debouncer.poke(10.0)
+    debouncer.clear()
+    # The pass took 2 s; what came meanwhile is read after it.
+    debouncer.poke(12.0, during_pass=True)
+    assert not debouncer.due(12.4)
+    assert debouncer.due(12.5)
 
 
 def test_debounce_does_not_wait_forever_in_an_endless_storm():
@@ -201,5 +222,5 @@ def test_debounce_does_not_wait_forever_in_an_endless_storm():
             passes.append(round(now, 1))
             debouncer.clear()
         now += 0.2
-    # Events every 0.2 s never leave 0.5 s of quiet: a pass every 3 s all the same.
-    assert passes == [3.0, 6.2, 9.4]
+    # Events every 0.2 s never leave 0.5 s of quiet: the first at once, then a pass every 3 s all the same.
+    assert passes == [0.0, 3.2, 6.4, 9.6]
