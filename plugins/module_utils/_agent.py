@@ -20,7 +20,8 @@ is logged once; an import lost (the device replugged over there, the connection 
 
 Domains without the intent are never touched. ``Agent`` runs the passes: at start, at once on a udev
 (usb_device add/remove) or libvirt (domain started) event that follows a quiet moment, after a burst of
-such events has been quiet for a moment, on a periodic timer, and at once whenever it (re)connects to libvirt. While libvirt does not answer (down
+such events has been quiet for a moment, on a periodic timer, and at once whenever it (re)connects to
+libvirt. While libvirt does not answer (down
 at start, or restarted) it retries every second or two; what udev reported meanwhile is caught up by
 the pass that follows the reconnect. A pass killed half-way leaves nothing the next one cannot finish:
 hostdevs change before the intent that records them, and the planner recognises either half. It prints
