@@ -3,13 +3,8 @@
 
 from __future__ import annotations
 
-from ansible_collections.kvmhost.usb.plugins.plugin_utils._inventory_hosts import SelectorHostsAction, resolve_devices
+from ansible_collections.kvmhost.usb.plugins.plugin_utils._inventory_hosts import SelectorHostsAction
 
 
 class ActionModule(SelectorHostsAction):
     MODULE = "kvmhost.usb.usb_attach"
-
-    def resolve_args(self, args, hostvars, current):
-        where = "Domain %s" % args["domain"] if args.get("domain") else "usb_attach"
-        args["devices"] = resolve_devices(args.get("devices"), hostvars, current, where)
-        return args

@@ -50,13 +50,16 @@ def resolve_devices(devices: Any, hostvars: Any, current: str, where: str) -> An
 
 
 class SelectorHostsAction(ActionBase):
-    """Runs the module named ``MODULE`` with ``resolve_args`` applied to its arguments."""
+    """Runs the module named ``MODULE`` with ``resolve_args`` applied to its arguments: by default its ``devices``
+    (the selectors of usb_attach and usb_detach, for its ``domain``)."""
 
     MODULE = ""
     TRANSFERS_FILES = False
 
     def resolve_args(self, args: dict, hostvars: Any, current: str) -> dict:
-        raise NotImplementedError
+        where = "Domain %s" % args["domain"] if args.get("domain") else self.MODULE.rsplit(".", 1)[-1]
+        args["devices"] = resolve_devices(args.get("devices"), hostvars, current, where)
+        return args
 
     def run(self, tmp: Any = None, task_vars: dict | None = None) -> dict:
         task_vars = task_vars or {}
