@@ -6,7 +6,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 name: usb_exports
 short_description: The USB devices a KVM host exports to the others, computed from the whole inventory
-version_added: 0.2.0
+version_added: 0.1.0
 description:
   - Reads C(usb_passthrough) of every other host of the inventory and returns the devices they declare with
     C(host) naming this host, one export each, as M(kvmhost.usb.usb_export) takes them. The declared state of the

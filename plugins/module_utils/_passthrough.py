@@ -618,10 +618,10 @@ class Planner:
         result["domains"] = {}
         for domain in self.model.domains:
             if domain in wanted or domain in self.touched:
+                own = self.result([step for step in steps if step.domain is domain], [domain] if domain in started else [], imports=False)
                 result["domains"][domain.name] = dict(
                     domain.summary(),
-                    actions=self.imports.by_domain.get(domain.name, [])
-                    + self.result([step for step in steps if step.domain is domain], [domain] if domain in started else [], imports=False)["actions"],
+                    actions=self.imports.by_domain.get(domain.name, []) + own["actions"],
                     devices=[device["id"] for _selector, device in wanted[domain][1]] if domain in wanted else [],
                 )
         result["drift"] = drift
