@@ -188,9 +188,9 @@ def reconcile(conn, uri="qemu:///system", check_mode=False, importer=None):
     Devices another host exports to this one are imported first (``Importer``); then each domain is planned and
     carried out on its own, so a domain libvirt refuses does not hold up the others."""
     planner = _passthrough.Planner(conn, uri, check_mode)
-    planner.enumerate()
     lines = []
     with _passthrough.maybe_lock(check_mode):
+        planner.enumerate()
         planner.load_domains()
         if remote_entries(planner.model) or (importer is not None and importer.held):
             importer = importer if importer is not None else Importer()

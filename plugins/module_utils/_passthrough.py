@@ -600,8 +600,8 @@ class Planner:
         """usb_passthrough: the host's declared state in one pass."""
         declaration = normalize_declaration(domains)
         self.imports.prepare([(name, selector) for name, settings in declaration.items() for selector in settings["devices"]])
-        self.enumerate()
         with maybe_lock(self.check_mode):
+            self.enumerate()
             self.load_domains()
             drift = self.model.drift(declaration, _usb.build_topology(self.devices))
             try:
@@ -642,8 +642,8 @@ class Planner:
         """usb_attach: one domain gets the devices, in addition to what it has unless ``exclusive``."""
         handle = self.lookup(domain_name)
         self.imports.prepare([(handle.name(), selector) for selector in selectors])
-        self.enumerate()
         with maybe_lock(self.check_mode):
+            self.enumerate()
             self.load_domains()
             domain = self.domain(handle.UUIDString())
             if not persistent:
@@ -670,8 +670,8 @@ class Planner:
         """usb_detach: the devices leave one domain, or whichever domains hold them."""
         handle = self.lookup(domain_name) if domain_name else None
         self.imports.find_standing(selectors)
-        self.enumerate()
         with maybe_lock(self.check_mode):
+            self.enumerate()
             self.load_domains()
             only = self.domain(handle.UUIDString()) if handle else None
             domains = [only] if only else self.model.domains
