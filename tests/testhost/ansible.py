@@ -57,6 +57,10 @@ def environment() -> dict[str, str]:
         ANSIBLE_STDOUT_CALLBACK="ansible.builtin.default",
         ANSIBLE_DEPRECATION_WARNINGS="0",
         ANSIBLE_RETRY_FILES_ENABLED="0",
+        # Ten runs connecting at once to a TCG guest on a busy machine: its sshd may take longer than ansible's
+        # 10 s to answer ("banner exchange timed out"); a connection that never got in is safe to try again.
+        ANSIBLE_TIMEOUT="60",
+        ANSIBLE_SSH_RETRIES="3",
     )
 
 
