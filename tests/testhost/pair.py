@@ -2,7 +2,7 @@
 
     with LinkedPair("mytest", marker="...") as pair:   # boots A, then B
         pair.a.ssh("lsusb")                             # A has the stick (serial KING0001), MARKER file on it
-        pair.b.ssh("ping", "-c1", pair.a_address)      # B reaches A over the link (eth1)
+        pair.reaches()                                  # B reaches A's sshd over the link (eth1)
         pair.set_link(False)                            # cut the link (QMP set_link on A's link NIC)
         pair.inventory(directory, {"kvm2": {...}})      # an Ansible inventory with both hosts
 
@@ -34,6 +34,15 @@ A_NAME = "kvm1"
 B_NAME = "kvm2"
 USBIP_PORT = 3240
 MARKER_FILE = "MARKER"
+
+# Run on B: whether A's sshd answers over the link within the timeout (the image has no ping).
+REACHES = r"""
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], 22), timeout=float(sys.argv[2])).close()
+except OSError:
+    sys.exit(1)
+"""
 
 # Run on B: connect to A's USB/IP port from a given source address and ask for the device list
 # (OP_REQ_DEVLIST, protocol 1.1.1), as ``usbip list -r`` does. Prints what happened, as JSON.
@@ -117,10 +126,14 @@ class LinkedPair:
         for host in (self.a, self.b):
             host.ssh("ip", "link", "set", "eth1", "up")
             host.ssh("ip", "address", "replace", host.link.address + "/24", "dev", "eth1")
-        while self.b.ssh("ping", "-c", "1", "-W", "2", self.a_address, check=False).returncode != 0:
+        while not self.reaches():
             if time.monotonic() > deadline:
                 raise TimeoutError("B does not reach A over the link\n%s" % "\n".join(self._link_report(host) for host in (self.a, self.b)))
             time.sleep(1)
+
+    def reaches(self, timeout: float = 2.0) -> bool:
+        """Whether B reaches A over the link: A's sshd answers a TCP connection to its link address."""
+        return self.b.ssh("python3", "-", self.a_address, str(timeout), input=REACHES, check=False).returncode == 0
 
     @staticmethod
     def _link_report(host: TestHost) -> str:
