@@ -67,8 +67,12 @@ def require_link_address(selector: dict) -> None:
 
 
 def describe(selector: dict) -> str:
-    """``46f4:0001:KING0001 from kvm1 (10.77.0.1)``: a remote device as actions and errors name it."""
-    return "%s from %s (%s)" % (_usb.describe_selector(_usb.device_fields(selector)), selector["host"], selector.get("link_address") or "no link address")
+    """``46f4:0001:KING0001 from kvm1 (10.77.0.1)``: a remote device as actions and errors name it (with the port when
+    the exporter is not on 3240)."""
+    where = selector.get("link_address") or "no link address"
+    if selector.get("link_port") and int(selector["link_port"]) != _usbip.USBIP_PORT:
+        where = "%s:%s" % (where, selector["link_port"])
+    return "%s from %s (%s)" % (_usb.describe_selector(_usb.device_fields(selector)), selector["host"], where)
 
 
 def matching_import(records: list[dict], selector: dict) -> dict | None:
@@ -117,6 +121,7 @@ class Imports:
         self.released = []
         self.by_domain = {}
         self.made = []
+        self.warnings = []
 
     def prepare(self, selectors: list[tuple[str | None, dict]]) -> None:
         """Import the device of each ``(domain name, selector)`` with ``host`` unless it is imported already.
@@ -135,7 +140,14 @@ class Imports:
                 self._act(name, "would import %s" % describe(selector))
             elif record is None:
                 try:
-                    record = _usbip.ensure_import(selector["host"], selector["link_address"], _usb.device_fields(selector), directory=imports_dir())
+                    _usbip.load_vhci()
+                    record = _usbip.ensure_import(
+                        selector["host"],
+                        selector["link_address"],
+                        _usb.device_fields(selector),
+                        port=int(selector.get("link_port") or _usbip.USBIP_PORT),
+                        directory=imports_dir(),
+                    )
                 except _usbip.UsbipError as error:
                     self.undo()
                     where = "Domain %s: c" % name if name else "C"
@@ -168,11 +180,21 @@ class Imports:
         self.made = []
 
     def release(self, records: list[dict]) -> None:
+        """Release imports no domain claims any more, and give each export back to its host: the exporting host stops
+        exporting the device at once. An exporter out of reach is a warning; its host's next converge drops the export."""
         for record in records:
             what = "%s from %s (%s)" % (record.get("id"), record.get("host"), record.get("link_address"))
             if self.check_mode:
                 self.released.append("would release the import of %s" % what)
-            elif _usbip.release_import(record["host"], record["link_address"], record["id"], directory=imports_dir()):
+                continue
+            try:
+                released = _usbip.release_import(record["host"], record["link_address"], record["id"], directory=imports_dir(), give_back=True)
+            except _usbip.UsbipError as error:
+                released = True
+                self.warnings.append(
+                    "Released the import of %s, but %s still exports it until its next converge: %s" % (what, record.get("host"), error)
+                )
+            if released:
                 self.released.append("released the import of %s" % what)
 
 

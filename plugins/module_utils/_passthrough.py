@@ -718,6 +718,7 @@ class Planner:
             return
         claimed = [device for domain in self.model.domains for config in domain.configs.values() for device in self.model.claimed(config)]
         self.imports.release(_crosshost.unclaimed(records, self.devices, claimed))
+        self.warnings.extend(self.imports.warnings)
 
     def intended_absent(self, domains: list[Domain], selector: dict) -> list[tuple[Domain, dict]]:
         """For a selector that matches no present device: the domains whose intent names it, and the device it named."""

@@ -30,6 +30,7 @@ import selectors
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +52,10 @@ OP_REQ_DEVLIST = 0x8005
 OP_REP_DEVLIST = 0x0005
 OP_REQ_IMPORT = 0x8003
 OP_REP_IMPORT = 0x0003
+# kvmhost.usb's own request, not in the USB/IP protocol: the importer gives an export back when its host takes the
+# device back (usb_detach), so that the exporting host stops exporting it without another run there.
+OP_REQ_RELEASE = 0x8F01
+OP_REP_RELEASE = 0x0F01
 
 # The status of a reply (usbip_common.h).
 ST_OK = 0
@@ -390,9 +395,37 @@ def remote_devices(address, port=USBIP_PORT, timeout=5.0):
         sock.close()
 
 
+def _vhci_names(root=VHCI):
+    return sorted(name for name in _listdir(os.path.dirname(root)) if name.startswith("vhci_hcd."))
+
+
+def load_vhci(root=VHCI, timeout=10.0):
+    """Load vhci-hcd unless its controllers are there: a host's first import, by a module, may come before the agent
+    (whose unit loads it) is installed. True when it was loaded now."""
+    if _vhci_names(root):
+        return False
+    if root != VHCI:
+        raise UsbipError("The kernel module vhci-hcd is not loaded (no vhci_hcd.* beside %s)" % root)
+    try:
+        result = subprocess.run(["modprobe", "vhci-hcd"], capture_output=True, text=True, check=False)
+    except OSError as error:
+        raise UsbipError("Cannot run modprobe to load the kernel module vhci-hcd: %s" % error)
+    if result.returncode != 0:
+        raise UsbipError(
+            "Cannot load the kernel module vhci-hcd (%s); it ships with the kernel: linux-image-amd64 on Debian,"
+            " kernel-modules-extra on RHEL-family hosts" % (result.stderr.strip() or "modprobe exited %d" % result.returncode)
+        )
+    deadline = time.monotonic() + timeout
+    while not _vhci_names(root):
+        if time.monotonic() > deadline:
+            raise UsbipError("vhci-hcd was loaded but no vhci_hcd controller appeared under %s" % os.path.dirname(root))
+        time.sleep(0.1)
+    return True
+
+
 def vhci_ports(root=VHCI):
     """Every port of the vhci controllers: hub (hs or ss), port, status, speed, devid, local_busid."""
-    names = sorted(name for name in _listdir(os.path.dirname(root)) if name.startswith("vhci_hcd."))
+    names = _vhci_names(root)
     if not names:
         raise UsbipError("The kernel module vhci-hcd is not loaded (modprobe vhci-hcd)")
     ports = []
@@ -606,11 +639,12 @@ def ensure_import(host, link_address, selector, timeout=30.0, port=USBIP_PORT, v
     """Import the device a selector means from ``host`` at ``link_address`` unless this host holds it already, and
     wait until it is a local USB device; the import record. UsbipError with a clear message otherwise."""
     where = _where(host, link_address, port)
-    for record in imports(vhci, directory):
-        if record["link_address"] == link_address and _record_matches(selector, record):
+    standing = [record for record in imports(vhci, directory) if _same_exporter(record, link_address, port)]
+    for record in standing:
+        if _record_matches(selector, record):
             return record
     offered = remote_devices(link_address, port, timeout=min(timeout, 5.0))
-    held = set(record["busid"] for record in imports(vhci, directory) if record["link_address"] == link_address)
+    held = set(record["busid"] for record in standing)
     candidates = [device for device in offered if offered_matches(selector, device) and device["busid"] not in held]
     if not candidates:
         listed = ", ".join("%s %s:%s" % (device["busid"], device["vendor_id"], device["product_id"]) for device in offered) or "nothing"
@@ -644,6 +678,10 @@ def ensure_import(host, link_address, selector, timeout=30.0, port=USBIP_PORT, v
     raise UsbipError("%s exports %s, but none with serial %s" % (where, ", ".join(device["busid"] for device in candidates), _selector_serial(selector)))
 
 
+def _same_exporter(record, link_address, port):
+    return record["link_address"] == link_address and int(record.get("port") or USBIP_PORT) == int(port)
+
+
 def _record_matches(selector, record, root=SYS_USB):
     """Whether an import record is the device a selector means: by the id it recorded, else by the local device."""
     if selector.get("id") and record.get("id"):
@@ -668,14 +706,33 @@ def _describe(selector):
     return ", ".join("%s=%s" % (key, selector[key]) for key in sorted(selector)) or "any device"
 
 
-def release_import(host, link_address, device_id, vhci=VHCI, directory=None):
-    """Detach this host's import of ``device_id`` from ``link_address``; True when there was one."""
+def release_import(host, link_address, device_id, vhci=VHCI, directory=None, give_back=False):
+    """Detach this host's import of ``device_id`` from ``link_address``; True when there was one. With
+    ``give_back``, also ask the exporter to stop exporting it (``give_back_export``)."""
     changed = False
     for record in imports(vhci, directory):
         if record["link_address"] == link_address and record.get("id") == device_id:
             detach_import(record["vhci_port"], vhci, directory)
+            if give_back:
+                give_back_export(link_address, record["busid"], int(record.get("port") or USBIP_PORT))
             changed = True
     return changed
+
+
+def give_back_export(address, busid, port=USBIP_PORT, timeout=5.0):
+    """Ask the exporter at ``address`` to stop exporting ``busid`` to this host (OP_REQ_RELEASE): it drops the export
+    from its table and gives the device back to its driver. True when it did, False when it exported nothing of the
+    kind to this host; UsbipError when it cannot be reached."""
+    sock = _connect(address, port, timeout)
+
+    def work():
+        sock.sendall(pack_op_common(OP_REQ_RELEASE) + BUSID.pack(busid.encode()))
+        return _receive_op_common(sock, OP_REP_RELEASE)["status"] == ST_OK
+
+    try:
+        return _talk(address, port, "giving back %s" % busid, work)
+    finally:
+        sock.close()
 
 
 # The exporter (host A)
@@ -857,6 +914,9 @@ class Exporter:
             elif request["code"] == OP_REQ_IMPORT:
                 busid = _c_string(_receive(conn, BUSID.size))
                 self.export(conn, peer, busid)
+            elif request["code"] == OP_REQ_RELEASE:
+                busid = _c_string(_receive(conn, BUSID.size))
+                conn.sendall(pack_op_common(OP_REP_RELEASE, ST_OK if self.give_back(peer, busid) else ST_NODEV))
             else:
                 self.log("closed connection from %s: unknown request 0x%04x" % (peer, request["code"]))
         except (EOFError, OSError, struct.error) as error:
@@ -886,6 +946,29 @@ class Exporter:
             return
         self.log("exported %s (%s) to %s (%s), domain %s" % (busid, export.get("id"), export.get("importer"), peer, export.get("domain")))
         conn.sendall(pack_op_common(OP_REP_IMPORT) + pack_usb_device(device))
+
+    def give_back(self, peer, busid):
+        """The importer at ``peer`` took the device back: drop its export from the table, give the device back to
+        its driver. False when nothing of the kind is exported to that peer."""
+        export = self.for_peer(peer).get(busid)
+        if export is None:
+            self.log("%s gave back %s, which is not exported to it" % (peer, busid))
+            return False
+        table = dict(self.table, exports=[item for item in self.table["exports"] if not self._same_export(item, export)])
+        try:
+            write_exports(table, self.path)
+        except OSError as error:
+            self.log("cannot drop the export of %s from %s: %s" % (busid, self.path, error))
+            return False
+        self.log("%s (%s) given back by %s (%s), domain %s: export removed" % (busid, export.get("id"), export.get("importer"), peer, export.get("domain")))
+        self.reload_wanted = True
+        self.reload_if_changed()
+        return True
+
+    @staticmethod
+    def _same_export(item, export):
+        fields = ("id", "selector", "importer", "importer_address", "domain")
+        return all(item.get(field) == export.get(field) for field in fields)
 
     # udev and the loop
 

@@ -27,6 +27,7 @@ from tests.lib.modrun import REPO, collection_root, run_module
 from tests.lib.usbtree import root_hub, vhci_hcd
 from tests.unit.passthrough_support import KINGSTON_ID, attach, detach, failed, hostdev, hostdevs, metadata
 from tests.unit.trees import REFERENCE
+from tests.unit.usbip_support import STICK, _usbip, fake_sysfs, serving
 
 STICK_ID = "46f4:0001:KING0001"
 # The stick of kvm2 as kvm1 sees it once imported: a device on the vhci bus (3), at vhci port 0.
@@ -43,16 +44,28 @@ IMPORTED_STICK = {
     "interfaces": [("08", "usb-storage")],
 }
 IMPORTING = tuple(REFERENCE) + (root_hub(3), IMPORTED_STICK, vhci_hcd({0: "3-1"}))
-REMOTE = {"host": "kvm2", "link_address": "10.77.0.2", "id": STICK_ID}
-RECORD = {"vhci_port": 0, "host": "kvm2", "link_address": "10.77.0.2", "port": 3240, "busid": "2-1", "id": STICK_ID}
+# kvm2's exporter is served by the test on 127.0.0.1 (only loopback is used): a release gives the export back to it.
+REMOTE = {"host": "kvm2", "link_address": "127.0.0.1", "id": STICK_ID}
+RECORD = {"vhci_port": 0, "host": "kvm2", "link_address": "127.0.0.1", "busid": "2-1", "id": STICK_ID}
 
 
 @pytest.fixture
-def imports_dir(tmp_path):
-    """The import records of this test: the stick imported from kvm2 at vhci port 0."""
+def kvm2_exporter(tmp_path):
+    """kvm2's exporter, exporting the stick (bus id 2-1) to this host (127.0.0.1): ``(exporter, port, lines)``."""
+    fake_sysfs(tmp_path / "kvm2-sys", STICK)
+    export = {"id": STICK_ID, "selector": {"id": STICK_ID}, "importer": "kvm1", "importer_address": "127.0.0.1", "domain": "buildvm"}
+    directory = tmp_path / "kvm2"
+    directory.mkdir()
+    with serving(directory, [export], tmp_path / "kvm2-sys") as served:
+        yield served
+
+
+@pytest.fixture
+def imports_dir(tmp_path, kvm2_exporter):
+    """The import records of this test: the stick imported from kvm2's exporter at vhci port 0."""
     directory = tmp_path / "imports"
     directory.mkdir()
-    (directory / "0.json").write_text(json.dumps(RECORD))
+    (directory / "0.json").write_text(json.dumps(dict(RECORD, port=kvm2_exporter[1])))
     return directory
 
 
@@ -74,6 +87,8 @@ def env_of(imports_dir=None, exports=None):
         ({"host": "kvm 2", "id": STICK_ID}, ["Malformed host 'kvm 2'", "inventory name"]),
         ({"host": "kvm2", "link_address": "10.77.0.2;reboot", "id": STICK_ID}, ["Malformed link_address"]),
         ({"link_address": "10.77.0.2", "id": STICK_ID}, ["has a link_address but no host"]),
+        ({"host": "kvm2", "link_address": "10.77.0.2", "link_port": "70000", "id": STICK_ID}, ["Malformed link_port '70000'"]),
+        ({"link_port": 3241, "id": STICK_ID}, ["has a link_port but no host"]),
         ({"host": "kvm2"}, ["Empty device selector"]),
         ({"host": "kvm2", "id": STICK_ID}, ["names host kvm2 but no link_address", "usb_link_address"]),
     ],
@@ -91,12 +106,12 @@ def test_check_mode_reports_the_import_it_would_make_and_changes_nothing(domains
     result = attach({"domain": name, "devices": [REMOTE]}, check_mode=True)
     assert result["rc"] == 0, result
     assert result["changed"] is True
-    assert result["actions"][0] == "would import id=%s from kvm2 (10.77.0.2)" % STICK_ID
+    assert result["actions"][0] == "would import id=%s from kvm2 (127.0.0.1)" % STICK_ID
     assert result["warnings"] == []
     assert domains.snapshot() == before
 
 
-def test_imported_device_is_attached_and_recorded_with_its_host_then_detached_and_released(domains, imports_dir):
+def test_imported_device_is_attached_and_recorded_with_its_host_then_detached_released_and_given_back(domains, imports_dir, kvm2_exporter):
     name = domains.define("xhost-attach")
     env = env_of(imports_dir)
     done = attach({"domain": name, "devices": [REMOTE]}, IMPORTING, env=env)
@@ -104,20 +119,26 @@ def test_imported_device_is_attached_and_recorded_with_its_host_then_detached_an
     # The import stood already (the agent or an earlier run made it): nothing imported, the local device attached.
     assert not [action for action in done["actions"] if "import" in action]
     assert hostdevs(domains.inactive(name)) == [hostdev("46f4", "0001")]
-    assert 'id="%s" serial="KING0001" port="3-1" address="003:002" host="kvm2" link_address="10.77.0.2">\n' % STICK_ID in metadata(domains.inactive(name))
+    assert 'id="%s" serial="KING0001" port="3-1" address="003:002" host="kvm2" link_address="127.0.0.1">\n' % STICK_ID in metadata(domains.inactive(name))
     assert '<kvmhost-usb:selector id="%s" host="kvm2"/>' % STICK_ID in metadata(domains.inactive(name))
     again = attach({"domain": name, "devices": [REMOTE]}, IMPORTING, env=env)
     assert (again["rc"], again["changed"]) == (0, False), again
 
     gone = detach({"domain": name, "devices": [REMOTE]}, IMPORTING, env=env, check_mode=True)
-    assert gone["actions"][-1] == "would release the import of %s from kvm2 (10.77.0.2)" % STICK_ID
+    assert gone["actions"][-1] == "would release the import of %s from kvm2 (127.0.0.1)" % STICK_ID
     assert (imports_dir / "0.json").exists()
+    exporter, _port, lines = kvm2_exporter
+    assert len(_usbip.read_exports(exporter.path)["exports"]) == 1
     gone = detach({"domain": name, "devices": [REMOTE]}, IMPORTING, env=env)
     assert gone["rc"] == 0, gone
     assert hostdevs(domains.inactive(name)) == []
     assert metadata(domains.inactive(name)) is None
-    assert gone["actions"][-1] == "released the import of %s from kvm2 (10.77.0.2)" % STICK_ID
+    assert gone["actions"][-1] == "released the import of %s from kvm2 (127.0.0.1)" % STICK_ID
+    assert gone["warnings"] == []
     assert not (imports_dir / "0.json").exists()
+    # Taken back on this host, it is no longer exported on kvm2: the export is gone from kvm2's table at once.
+    assert _usbip.read_exports(exporter.path)["exports"] == []
+    assert "2-1 (%s) given back by kvm1 (127.0.0.1), domain buildvm: export removed" % STICK_ID in lines
 
 
 @pytest.fixture
@@ -155,7 +176,7 @@ def test_converge_drops_an_imported_device_no_longer_declared_and_releases_its_i
     dropped = run_module("usb_passthrough", {"domains": {name: {"devices": []}}}, IMPORTING, env=env)
     assert dropped["rc"] == 0, dropped
     assert hostdevs(domains.inactive(name)) == []
-    assert dropped["actions"][-1] == "released the import of %s from kvm2 (10.77.0.2)" % STICK_ID
+    assert dropped["actions"][-1] == "released the import of %s from kvm2 (127.0.0.1)" % STICK_ID
     assert not (imports_dir / "0.json").exists()
 
 
@@ -178,7 +199,7 @@ def test_facts_show_the_exported_and_the_imported_devices(tmp_path, imports_dir)
     devices = dict((device["id"], device) for device in result["ansible_facts"]["usb_devices"])
     assert devices[KINGSTON_ID]["exported_to"] == {"host": "kvm2", "domain": "buildvm", "address": "10.77.0.2"}
     assert devices[KINGSTON_ID]["imported_from"] is None
-    assert devices[STICK_ID]["imported_from"] == {"host": "kvm2", "link_address": "10.77.0.2", "busid": "2-1"}
+    assert devices[STICK_ID]["imported_from"] == {"host": "kvm2", "link_address": "127.0.0.1", "busid": "2-1"}
     assert devices[STICK_ID]["exported_to"] is None
     assert devices["0627:0001:42"]["exported_to"] is None
 
@@ -236,12 +257,13 @@ FLEET = {
     "kvm2": {"usb_link_address": "10.77.0.2", "ansible_host": "192.0.2.2"},
     "kvm3": {"ansible_host": "127.0.0.3"},
     "kvm4": {},
+    "kvm5": {"usb_link_address": "10.77.0.5", "usb_link_port": 3241},
 }
 
 
 @pytest.mark.parametrize(
     "host, address",
-    [("kvm2", "10.77.0.2"), ("kvm3", "127.0.0.3"), ("kvm4", "kvm4")],
+    [("kvm2", "10.77.0.2"), ("kvm3", "127.0.0.3"), ("kvm4", "kvm4"), ("kvm5", "10.77.0.5:3241")],
 )
 def test_action_plugin_fills_link_address_from_the_inventory(tmp_path, domains, host, address):
     name = domains.define("xhost-inv")

@@ -7,10 +7,8 @@ to usbip_sockfd and the vhci attach are exercised on the test host (tests/integr
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
-import threading
 
 import pytest
 
@@ -21,26 +19,7 @@ import sys
 sys.path.insert(0, collection_root())
 
 from ansible_collections.kvmhost.usb.plugins.module_utils import _usbip  # noqa: E402
-
-# The QEMU stick of the test host as the kernel describes it, field by field in the order of
-# Documentation/usb/usbip_protocol.rst (struct usbip_usb_device, big endian).
-STICK = {
-    "path": "/sys/devices/pci0000:00/0000:00:1d.0/usb2/2-1",
-    "busid": "2-1",
-    "busnum": 2,
-    "devnum": 3,
-    "speed": _usbip.USB_SPEED_SUPER,
-    "vendor_id": "46f4",
-    "product_id": "0001",
-    "bcd_device": 0x0000,
-    "device_class": 0,
-    "device_subclass": 0,
-    "device_protocol": 0,
-    "configuration_value": 1,
-    "num_configurations": 1,
-    "interfaces": [(0x08, 0x06, 0x50)],
-}
-
+from tests.unit.usbip_support import STICK, fake_sysfs, serving  # noqa: E402
 
 def spec_bytes(device):
     """usbip_usb_device written out by hand from the spec's table: offsets 0, 256, 288, 292, 296, 300, 302, 304, 306..311."""
@@ -128,72 +107,12 @@ def test_exports_table_is_written_once_and_read_back(tmp_path):
         _usbip.read_exports(path)
 
 
-def fake_sysfs(root, device):
-    """A stand-in for /sys/bus/usb with one device already bound to usbip-host (this machine has no USB kernel)."""
-    devices = root / "devices"
-    base = devices / device["busid"]
-    base.mkdir(parents=True)
-    values = {
-        "idVendor": device["vendor_id"],
-        "idProduct": device["product_id"],
-        "busnum": device["busnum"],
-        "devnum": device["devnum"],
-        "speed": "5000",
-        "serial": "KING0001",
-        "bcdDevice": "0000",
-        "bDeviceClass": "00",
-        "bDeviceSubClass": "00",
-        "bDeviceProtocol": "00",
-        "bConfigurationValue": "1",
-        "bNumConfigurations": "1",
-        "bNumInterfaces": " 1",
-        "usbip_status": "1",
-        "usbip_sockfd": "",
-    }
-    for name, value in values.items():
-        (base / name).write_text("%s\n" % value)
-    interface = base / ("%s:1.0" % device["busid"])
-    interface.mkdir()
-    for name, value in (("bInterfaceClass", "08"), ("bInterfaceSubClass", "06"), ("bInterfaceProtocol", "50")):
-        (interface / name).write_text(value + "\n")
-    driver = root / "drivers" / "usbip-host"
-    driver.mkdir(parents=True)
-    os.symlink(str(driver), str(base / "driver"))
-    return base
-
-
 @pytest.fixture
 def exporter(tmp_path):
     base = fake_sysfs(tmp_path / "sys", STICK)
-    lines = []
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    listener.close()
-    table = {
-        "listen": "127.0.0.1",
-        "port": port,
-        "exports": [
-            {"id": "46f4:0001:KING0001", "selector": {"id": "46f4:0001:KING0001"}, "importer": "kvm2", "importer_address": "127.0.0.1", "domain": "buildvm"}
-        ],
-    }
-    _usbip.write_exports(table, str(tmp_path / "exports.json"))
-    served = _usbip.Exporter(str(tmp_path / "exports.json"), root=str(tmp_path / "sys"), out=lines.append, state=str(tmp_path / "exported.json"))
-    served.reload_if_changed()
-    served.listen()
-    stop = threading.Event()
-
-    def loop():
-        while not stop.is_set():
-            for key, _events in served.selector.select(timeout=0.1):
-                key.data()
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    yield served, port, lines, base
-    stop.set()
-    thread.join()
-    served.server.close()
+    export = {"id": "46f4:0001:KING0001", "selector": {"id": "46f4:0001:KING0001"}, "importer": "kvm2", "importer_address": "127.0.0.1", "domain": "buildvm"}
+    with serving(tmp_path, [export], tmp_path / "sys") as (served, port, lines):
+        yield served, port, lines, base
 
 
 def test_exporter_offers_the_declared_peer_its_device(exporter):
@@ -276,3 +195,28 @@ def test_ensure_import_says_when_the_exporter_offers_no_such_device(exporter, tm
         "kvm1 (127.0.0.1:%d) offers this host no device matching (id=abcd:0001:NOPE): not plugged in there, or not exported to this host;"
         " it offers: 2-1 46f4:0001" % port
     )
+
+
+def test_the_importer_gives_an_export_back_and_the_exporter_drops_it(exporter, tmp_path):
+    served, port, lines, _base = exporter
+    # Nothing of the kind is exported to this peer: the table stays as it is.
+    assert _usbip.give_back_export("127.0.0.1", "1-1", port) is False
+    assert lines[-1] == "127.0.0.1 gave back 1-1, which is not exported to it"
+    assert len(_usbip.read_exports(served.path)["exports"]) == 1
+    assert _usbip.give_back_export("127.0.0.1", "2-1", port) is True
+    assert _usbip.read_exports(served.path)["exports"] == []
+    assert served.bound == {}
+    assert "2-1 (46f4:0001:KING0001) given back by kvm2 (127.0.0.1), domain buildvm: export removed" in lines
+    # The device went back to its own driver: usbip-host's unbind, then the driver probe (stand-in files here).
+    assert (tmp_path / "sys" / "drivers" / "usbip-host" / "unbind").read_text().strip() == "2-1"
+    assert (tmp_path / "sys" / "drivers_probe").read_text().strip() == "2-1"
+    assert lines[-1] == "gave 2-1 (46f4:0001:KING0001) back to its driver: no longer exported"
+
+
+def test_an_import_without_vhci_hcd_says_which_module_is_missing(tmp_path):
+    # A tree of the test's own: load_vhci never runs modprobe for anything but the real sysfs.
+    vhci = tmp_path / "platform" / "vhci_hcd.0"
+    with pytest.raises(_usbip.UsbipError, match=r"vhci-hcd is not loaded"):
+        _usbip.load_vhci(str(vhci))
+    vhci.mkdir(parents=True)
+    assert _usbip.load_vhci(str(vhci)) is False
