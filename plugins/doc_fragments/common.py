@@ -36,8 +36,9 @@ notes:
     exporting host's C(link_address) and is then a USB device of this host (see the collection's C(docs/crosshost.md));
     the exporting host must export it to this one (the R(kvmhost.usb.passthrough,ansible_collections.kvmhost.usb.passthrough_role)
     role does, from the inventory, or M(kvmhost.usb.usb_export)). In a playbook the action plugin fills in C(link_address) from
-    the inventory (C(usb_link_address), else C(ansible_host), of that host), fails for a host not in the inventory, and drops
-    C(host) when it names the managed host itself. Ad hoc through the module alone, give C(link_address) too.
+    the inventory (C(usb_link_address), else C(ansible_host), of that host) and C(link_port) (its C(usb_link_port), when set;
+    3240 otherwise), fails for a host not in the inventory, and drops C(host) when it names the managed host itself. Ad hoc
+    through the module alone, give C(link_address) (and C(link_port) for an exporter on another port) too.
     Check mode imports nothing and reports the import it would make.
   - >-
     Quote vendor and product ids in YAML (C(vendor_id: "0627")): an unquoted C(0627) is read as an octal number.

@@ -159,7 +159,9 @@ class Importer:
                 continue
             selector = dict(entry.get("selector") or {}) or {"id": entry["id"]}
             try:
-                record = _usbip.ensure_import(entry.get("host"), entry["link_address"], selector, timeout=self.timeout)
+                record = _usbip.ensure_import(
+                    entry.get("host"), entry["link_address"], selector, timeout=self.timeout, port=int(entry.get("link_port") or _usbip.USBIP_PORT)
+                )
             except _usbip.UsbipError as error:
                 message = "cannot import %s from %s for %s: %s; retrying" % (entry["id"], source, domain.name, error)
                 if self.failing.get(key) != message:

@@ -35,7 +35,7 @@ NAMESPACE = "http://kvmhost.usb/ns/passthrough/1"
 PREFIX = "kvmhost-usb"
 ROOT = "passthrough"
 # What the device had when it was bound, beside its id, and where it was imported from.
-BOUND_FIELDS = ("serial", "port", "address", "host", "link_address")
+BOUND_FIELDS = ("serial", "port", "address", "host", "link_address", "link_port")
 
 ET.register_namespace(PREFIX, NAMESPACE)
 

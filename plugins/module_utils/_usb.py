@@ -66,10 +66,11 @@ DEVICE_ID = re.compile(r"^([0-9a-f]{4}):([0-9a-f]{4})(?::([A-Za-z0-9._~%-]+)|@(\
 
 DEVICE_FIELDS = ("id", "vendor_id", "product_id", "serial", "port", "address")
 # A selector with host chooses a device plugged into that other KVM host of the inventory, reached at
-# link_address (filled in by the action plugins from the inventory); its device fields apply there.
-REMOTE_FIELDS = ("host", "link_address")
+# link_address, on USB/IP port link_port (both filled in by the action plugins from the inventory); its device fields
+# apply there.
+REMOTE_FIELDS = ("host", "link_address", "link_port")
 SELECTOR_FIELDS = DEVICE_FIELDS + REMOTE_FIELDS
-# What the intent records of a selector: link_address is where the host was reached, recorded beside it.
+# What the intent records of a selector: link_address and link_port are where the host was reached, recorded beside it.
 RECORDED_FIELDS = DEVICE_FIELDS + ("host",)
 HOST_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@:-]*$")
 LINK_ADDRESS = re.compile(r"^[A-Za-z0-9_.:%-]+$")
@@ -364,11 +365,16 @@ def normalize_selector(selector):
         elif field == "link_address":
             if not LINK_ADDRESS.match(value):
                 raise SelectorError("Malformed link_address %r: expected an IP address or a host name" % selector[field])
+        elif field == "link_port":
+            if not value.isdigit() or not 0 < int(value) < 65536:
+                raise SelectorError("Malformed link_port %r: expected a TCP port number such as 3240" % selector[field])
+            value = str(int(value))
         normalized[field] = value
     if not any(field in normalized for field in DEVICE_FIELDS):
         raise SelectorError("Empty device selector: give at least one of %s" % ", ".join(DEVICE_FIELDS))
-    if "link_address" in normalized and "host" not in normalized:
-        raise SelectorError("Selector (%s) has a link_address but no host: link_address is the address of host" % describe_selector(normalized))
+    for field in ("link_address", "link_port"):
+        if field in normalized and "host" not in normalized:
+            raise SelectorError("Selector (%s) has a %s but no host: %s is where host is reached" % (describe_selector(normalized), field, field))
     return normalized
 
 

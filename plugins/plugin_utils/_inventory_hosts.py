@@ -4,7 +4,8 @@
 """The controller's side of selectors with ``host``: the action plugins of usb_attach, usb_detach and
 usb_passthrough resolve the inventory name to the address the managed host reaches it at, then run the module.
 
-``link_address`` is the host's ``usb_link_address``, else its ``ansible_host``, else its inventory name; a
+``link_address`` is the host's ``usb_link_address``, else its ``ansible_host``, else its inventory name;
+``link_port`` its ``usb_link_port`` when the inventory sets one (the exporter's port, 3240 unset); a
 selector naming the managed host itself is a local selector (``host`` dropped).
 """
 
@@ -40,6 +41,9 @@ def resolve_selector(selector: Any, hostvars: Any, current: str, where: str) -> 
     resolved = dict(selector)
     if not resolved.get("link_address"):
         resolved["link_address"] = link_address(hostvars, host)
+    port = hostvars[host].get("usb_link_port") if hasattr(hostvars[host], "get") else None
+    if not resolved.get("link_port") and port:
+        resolved["link_port"] = port
     return resolved
 
 
