@@ -218,6 +218,7 @@ def run_playbook(tmp_path, hosts, tasks, *options, devices=tuple(REFERENCE), env
         "ansible_connection": "local",
         "ansible_python_interpreter": sys.executable,
         "usb_passthrough_agent": False,
+        "usb_passthrough_install_packages": False,
         "usb_passthrough_exporter": False,
         "usb_passthrough_uri": URI,
     }
@@ -324,7 +325,7 @@ def test_role_refuses_a_device_declared_here_and_exported_naming_both(tmp_path, 
     process = run_playbook(tmp_path, hosts, None, "--check", roles=["kvmhost.usb.passthrough"], play_hosts="all")
     assert process.returncode != 0
     # Every host refuses, the importers too: nothing changes anywhere.
-    assert sorted(re.findall(r"^fatal: \[(\w+)\]", process.stdout, re.M)) == ["kvm1", "kvm2", "kvm3"], process.stdout
+    assert sorted(re.findall(r"^fatal: \[(\w+)\]", process.stdout, re.M)) == ["kvm1", "kvm2", "kvm3"], process.stdout + process.stderr
     assert (
         "Device (id=%s) on kvm1 is declared for buildvm on kvm2 and for testvm on kvm3; one device goes to one VM." % KINGSTON_ID in process.stdout
     ), process.stdout

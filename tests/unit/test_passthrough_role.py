@@ -44,6 +44,7 @@ def playbook(tmp_path, name, declared, *options, devices=TWINS):
         "ansible_python_interpreter": sys.executable,
         "usb_passthrough": declared,
         "usb_passthrough_agent": False,
+        "usb_passthrough_install_packages": False,
         "usb_passthrough_uri": URI,
     }
     inventory.write_text(yaml.safe_dump({"all": {"hosts": {"kvm1": hostvars}}}))
