@@ -312,7 +312,11 @@ def test_guest_restart_on_b_gets_the_stick_back(pair: LinkedPair, guest_b: str) 
     while not bound_in_guest(pair.b, guest_b, SERIAL):
         assert time.monotonic() < deadline, "the stick is not back in the restarted guest: %s" % pair.b.guest_usb(guest_b)
         time.sleep(2)
-    assert [line for line in agent_journal(pair.b)[agent_start:] if line.startswith("attached %s to %s" % (STICK, guest_b))]
+    # The import stood throughout, so libvirt gives the restarted guest the stick from its persistent hostdev; the
+    # agent acts (one line) only if the guest came up without it, and never fails on the way.
+    lines = agent_journal(pair.b)[agent_start:]
+    assert len([line for line in lines if line.startswith("attached %s to %s" % (STICK, guest_b))]) <= 1, lines
+    assert not [line for line in lines if line.startswith("cannot")], lines
 
 
 @pytest.mark.parametrize("side", ["exporter on A", "agent on B"])
