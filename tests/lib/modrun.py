@@ -63,3 +63,39 @@ def _message(warning):
     if isinstance(warning, dict):
         return warning.get("event", warning).get("msg", str(warning))
     return warning
+
+
+# No reattach agent, exporter or packages from the passthrough role here: this machine has no systemd (they run on
+# the test hosts).
+PLAYBOOK_HOST_DEFAULTS = {
+    "ansible_python_interpreter": sys.executable,
+    "ansible_connection": "local",
+    "usb_passthrough_agent": False,
+    "usb_passthrough_exporter": False,
+    "usb_passthrough_install_packages": False,
+    "usb_passthrough_uri": URI,
+}
+
+
+def run_playbook(directory, hosts, playbook, *options, devices, env=None):
+    """ansible-playbook ``playbook`` over an inventory of ``hosts`` (name to host vars, each connecting locally), under
+    umockdev with ``devices``; files in ``directory``. The CompletedProcess."""
+    import yaml
+
+    tree = os.path.join(str(directory), "tree.umockdev")
+    with open(tree, "w") as handle:
+        handle.write(usbtree.render(devices))
+    inventory = os.path.join(str(directory), "inventory.yml")
+    with open(inventory, "w") as handle:
+        yaml.safe_dump({"all": {"hosts": dict((name, dict(PLAYBOOK_HOST_DEFAULTS, **variables)) for name, variables in hosts.items())}}, handle)
+    command = ["umockdev-run", "-d", tree, "--", os.path.join(os.path.dirname(sys.executable), "ansible-playbook")]
+    command += ["-i", inventory, str(playbook)] + list(options)
+    run_env = dict(
+        os.environ,
+        ANSIBLE_COLLECTIONS_PATH=collection_root(),
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_STDOUT_CALLBACK="ansible.builtin.default",
+        ANSIBLE_LOCALHOST_WARNING="0",
+        **(env or {}),
+    )
+    return subprocess.run(command, capture_output=True, text=True, env=run_env, timeout=600, check=False, cwd=REPO)

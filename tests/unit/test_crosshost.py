@@ -5,25 +5,23 @@ the exports the passthrough role computes from the whole inventory.
 
 An imported device is described to umockdev as the kernel shows it: a USB device on the vhci bus and the vhci-hcd
 platform device whose status lists the port it is imported at (tests.lib.usbtree.vhci_hcd); the import records are
-in a directory of the test's own. No USB/IP connection is made here: that, and two real hosts, are in
-tests/integration/test_crosshost_testhost.py.
+in a directory of the test's own. The only USB/IP connections made here are to an exporter the test serves on
+127.0.0.1 (tests/unit/usbip_support.py): a release gives the export back to it. Real imports, and two real hosts,
+are in tests/integration/test_crosshost_testhost.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from tests.lib import usbtree
 from tests.lib.domains import URI
-from tests.lib.modrun import REPO, collection_root, run_module
+from tests.lib import modrun
+from tests.lib.modrun import run_module
 from tests.lib.usbtree import root_hub, vhci_hcd
 from tests.unit.passthrough_support import KINGSTON_ID, attach, detach, failed, hostdev, hostdevs, metadata
 from tests.unit.trees import REFERENCE
@@ -210,19 +208,6 @@ def test_facts_show_the_exported_and_the_imported_devices(tmp_path, imports_dir)
 def run_playbook(tmp_path, hosts, tasks, *options, devices=tuple(REFERENCE), env=None, play_hosts="kvm1", roles=()):
     """A playbook of ``tasks`` (or ``roles``) on ``play_hosts`` of an inventory of ``hosts`` (name to host vars; every
     host connects locally), run under umockdev with ``devices``."""
-    tree = tmp_path / "tree.umockdev"
-    tree.write_text(usbtree.render(devices))
-    inventory = tmp_path / "inventory.yml"
-    # No reattach agent and no exporter service here: this machine has no systemd (they run on the test hosts).
-    defaults = {
-        "ansible_connection": "local",
-        "ansible_python_interpreter": sys.executable,
-        "usb_passthrough_agent": False,
-        "usb_passthrough_install_packages": False,
-        "usb_passthrough_exporter": False,
-        "usb_passthrough_uri": URI,
-    }
-    inventory.write_text(yaml.safe_dump({"all": {"hosts": dict((name, dict(defaults, **variables)) for name, variables in hosts.items())}}))
     play = {"name": "cross-host", "hosts": play_hosts, "gather_facts": False}
     if roles:
         play["roles"] = list(roles)
@@ -230,17 +215,7 @@ def run_playbook(tmp_path, hosts, tasks, *options, devices=tuple(REFERENCE), env
         play["tasks"] = tasks
     playbook = tmp_path / "play.yml"
     playbook.write_text(yaml.safe_dump([play], sort_keys=False))
-    command = ["umockdev-run", "-d", str(tree), "--", os.path.join(os.path.dirname(sys.executable), "ansible-playbook")]
-    command += ["-i", str(inventory), str(playbook)] + list(options)
-    run_env = dict(
-        os.environ,
-        ANSIBLE_COLLECTIONS_PATH=collection_root(),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_STDOUT_CALLBACK="ansible.builtin.default",
-        ANSIBLE_LOCALHOST_WARNING="0",
-        **(env or {}),
-    )
-    return subprocess.run(command, capture_output=True, text=True, env=run_env, timeout=600, check=False, cwd=REPO)
+    return modrun.run_playbook(tmp_path, hosts, playbook, *options, devices=devices, env=env)
 
 
 def registered(name):

@@ -10,14 +10,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 import yaml
 
-from tests.lib import usbtree
-from tests.lib.domains import URI
-from tests.lib.modrun import REPO, collection_root
+from tests.lib.modrun import REPO, run_playbook
 from tests.unit.passthrough_support import (
     KINGSTON_ID,
     TWINS,
@@ -35,29 +32,8 @@ CHROMIUM = [
 
 
 def playbook(tmp_path, name, declared, *options, devices=TWINS):
-    tree = tmp_path / "tree.umockdev"
-    tree.write_text(usbtree.render(devices))
-    inventory = tmp_path / "inventory.yml"
-    # No reattach agent here: this machine has no systemd (the agent is tested on the test host).
-    hostvars = {
-        "ansible_connection": "local",
-        "ansible_python_interpreter": sys.executable,
-        "usb_passthrough": declared,
-        "usb_passthrough_agent": False,
-        "usb_passthrough_install_packages": False,
-        "usb_passthrough_uri": URI,
-    }
-    inventory.write_text(yaml.safe_dump({"all": {"hosts": {"kvm1": hostvars}}}))
-    command = ["umockdev-run", "-d", str(tree), "--", os.path.join(os.path.dirname(sys.executable), "ansible-playbook")]
-    command += ["-i", str(inventory), os.path.join(REPO, "playbooks", name + ".yml")] + list(options)
-    env = dict(
-        os.environ,
-        ANSIBLE_COLLECTIONS_PATH=collection_root(),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_STDOUT_CALLBACK="ansible.builtin.default",
-        ANSIBLE_LOCALHOST_WARNING="0",
-    )
-    process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    path = os.path.join(REPO, "playbooks", name + ".yml")
+    process = run_playbook(tmp_path, {"kvm1": {"usb_passthrough": declared}}, path, *options, devices=devices)
     recap = RECAP.search(process.stdout)
     assert recap, process.stdout + process.stderr
     process.changed = int(recap.group("changed"))
