@@ -12,14 +12,8 @@ import struct
 
 import pytest
 
-from tests.lib.modrun import collection_root  # noqa: F401  (puts ansible_collections on the path below)
+from tests.unit.usbip_support import STICK, _usbip, fake_sysfs, serving
 
-import sys
-
-sys.path.insert(0, collection_root())
-
-from ansible_collections.kvmhost.usb.plugins.module_utils import _usbip  # noqa: E402
-from tests.unit.usbip_support import STICK, fake_sysfs, serving  # noqa: E402
 
 def spec_bytes(device):
     """usbip_usb_device written out by hand from the spec's table: offsets 0, 256, 288, 292, 296, 300, 302, 304, 306..311."""
