@@ -7,7 +7,8 @@ the kvmhost.usb.passthrough role. Then, once every ``--interval`` seconds, the s
 as in benchmarks/replug_latency.py: pulled out, plugged back in once the agent has removed the stale hostdev,
 and the guest's ``info usb`` watched until it lists the stick again. Every tenth replug and after the last,
 the guest is also checked to hold the stick at the address the kernel gave it this time. The agent's
-memory (VmRSS) and open file descriptors are read after the first 10 replugs and at the end.
+memory (VmRSS) and open file descriptors are read after the first 10 replugs and at the end; its RSS is also
+printed every tenth replug, to tell growth that levels off from growth that goes on.
 
 It fails when a replug did not come back, the agent's RSS at the end is more than 10 % above the first
 reading, it holds more file descriptors, or its process changed (restarted). Recovery times are printed,
@@ -41,6 +42,8 @@ def soak(host: TestHost, replugs: int, interval: float) -> list[str]:
     failures = []
     times = []
     baseline = None
+    # The agent's RSS every CHECK_EVERY replugs: whether it levels off or keeps growing, beyond the two readings judged.
+    series = []
     for number in range(1, replugs + 1):
         started = time.monotonic()
         elapsed = timed_replug(host, GUEST, "stick", PRODUCT)
@@ -57,6 +60,8 @@ def soak(host: TestHost, replugs: int, interval: float) -> list[str]:
                 failures.append("replug %d: %s" % (number, error))
         if number == min(BASELINE_AFTER, replugs):
             baseline = agent_process(host)
+        if number % CHECK_EVERY == 0:
+            series.append((number, agent_process(host)["rss_kib"]))
         print("replug %3d: %s" % (number, "%.2f s" % elapsed if elapsed is not None else "not back"), flush=True)
         time.sleep(max(0.0, interval - (time.monotonic() - started)))
     end = agent_process(host)
@@ -68,6 +73,7 @@ def soak(host: TestHost, replugs: int, interval: float) -> list[str]:
     print("agent RSS after replug %d: %d KiB, at the end: %d KiB (%+.1f %%)" % (
         min(BASELINE_AFTER, replugs), baseline["rss_kib"], end["rss_kib"], 100.0 * (end["rss_kib"] - baseline["rss_kib"]) / baseline["rss_kib"]))
     print("agent file descriptors after replug %d: %d, at the end: %d" % (min(BASELINE_AFTER, replugs), baseline["fds"], end["fds"]))
+    print("agent RSS (KiB) every %d replugs: %s" % (CHECK_EVERY, " ".join("%d:%d" % item for item in series)))
     if end["pid"] != baseline["pid"]:
         failures.append("the agent's process changed (restarted) during the soak")
     if end["rss_kib"] > baseline["rss_kib"] * (1 + RSS_GROWTH):
