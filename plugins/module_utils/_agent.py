@@ -160,7 +160,7 @@ class Importer:
             selector = dict(entry.get("selector") or {}) or {"id": entry["id"]}
             try:
                 record = _usbip.ensure_import(
-                    entry.get("host"), entry["link_address"], selector, timeout=self.timeout, port=int(entry.get("link_port") or _usbip.USBIP_PORT)
+                    entry.get("host"), entry["link_address"], selector, timeout=self.timeout, port=_usbip.port_of(entry.get("link_port"))
                 )
             except _usbip.UsbipError as error:
                 message = "cannot import %s from %s for %s: %s; retrying" % (entry["id"], source, domain.name, error)

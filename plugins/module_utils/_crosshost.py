@@ -70,7 +70,7 @@ def describe(selector: dict) -> str:
     """``46f4:0001:KING0001 from kvm1 (10.77.0.1)``: a remote device as actions and errors name it (with the port when
     the exporter is not on 3240)."""
     where = selector.get("link_address") or "no link address"
-    if selector.get("link_port") and int(selector["link_port"]) != _usbip.USBIP_PORT:
+    if _usbip.port_of(selector.get("link_port")) != _usbip.USBIP_PORT:
         where = "%s:%s" % (where, selector["link_port"])
     return "%s from %s (%s)" % (_usb.describe_selector(_usb.device_fields(selector)), selector["host"], where)
 
@@ -145,7 +145,7 @@ class Imports:
                         selector["host"],
                         selector["link_address"],
                         _usb.device_fields(selector),
-                        port=int(selector.get("link_port") or _usbip.USBIP_PORT),
+                        port=_usbip.port_of(selector.get("link_port")),
                         directory=imports_dir(),
                     )
                 except _usbip.UsbipError as error:

@@ -91,6 +91,11 @@ BUSID = struct.Struct(">32s")
 COUNT = struct.Struct(">I")
 
 
+def port_of(value):
+    """The USB/IP port a table, record, selector or intent entry names: 3240 when it names none."""
+    return int(value or USBIP_PORT)
+
+
 class UsbipError(Exception):
     """An export or import could not be made; the message says which host, address and device."""
 
@@ -679,7 +684,7 @@ def ensure_import(host, link_address, selector, timeout=30.0, port=USBIP_PORT, v
 
 
 def _same_exporter(record, link_address, port):
-    return record["link_address"] == link_address and int(record.get("port") or USBIP_PORT) == int(port)
+    return record["link_address"] == link_address and port_of(record.get("port")) == int(port)
 
 
 def _record_matches(selector, record, root=SYS_USB):
@@ -714,7 +719,7 @@ def release_import(host, link_address, device_id, vhci=VHCI, directory=None, giv
         if record["link_address"] == link_address and record.get("id") == device_id:
             detach_import(record["vhci_port"], vhci, directory)
             if give_back:
-                give_back_export(link_address, record["busid"], int(record.get("port") or USBIP_PORT))
+                give_back_export(link_address, record["busid"], port_of(record.get("port")))
             changed = True
     return changed
 
@@ -867,7 +872,7 @@ class Exporter:
     # The server
 
     def listen(self):
-        address, port = self.table.get("listen"), int(self.table.get("port") or USBIP_PORT)
+        address, port = self.table.get("listen"), port_of(self.table.get("port"))
         if self.listening == (address, port):
             return
         if self.server is not None:

@@ -17,10 +17,14 @@ from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
 
 
-def link_address(hostvars: Any, host: str) -> str:
+def _variable(hostvars: Any, host: str, name: str) -> Any:
     variables = hostvars[host]
+    return variables.get(name) if hasattr(variables, "get") else None
+
+
+def link_address(hostvars: Any, host: str) -> str:
     for name in ("usb_link_address", "ansible_host"):
-        value = variables.get(name) if hasattr(variables, "get") else None
+        value = _variable(hostvars, host, name)
         if value:
             return str(value)
     return host
@@ -41,7 +45,7 @@ def resolve_selector(selector: Any, hostvars: Any, current: str, where: str) -> 
     resolved = dict(selector)
     if not resolved.get("link_address"):
         resolved["link_address"] = link_address(hostvars, host)
-    port = hostvars[host].get("usb_link_port") if hasattr(hostvars[host], "get") else None
+    port = _variable(hostvars, host, "usb_link_port")
     if not resolved.get("link_port") and port:
         resolved["link_port"] = port
     return resolved
