@@ -85,7 +85,7 @@ testhost-image: setup
 
 # The two linked test hosts (USB/IP between them) have their own target until their module has passed whole.
 integration: setup testhost-image
-	$(PY) -m pytest -q tests/integration
+	$(PY) -m pytest -q --durations=25 tests/integration
 
 integration-crosshost: setup testhost-image
 	$(PY) -m pytest -q tests/integration/test_crosshost_testhost.py
