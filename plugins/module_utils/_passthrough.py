@@ -599,7 +599,9 @@ class Planner:
     def converge(self, domains: dict, steal: bool = False, whole_host: bool = False, allow_host_critical: bool = False) -> dict:
         """usb_passthrough: the host's declared state in one pass."""
         declaration = normalize_declaration(domains)
-        self.imports.prepare([(name, selector) for name, settings in declaration.items() for selector in settings["devices"]])
+        # Imports are made under the host lock, as the agent makes them: two at once could pick the same free vhci port.
+        with maybe_lock(self.check_mode):
+            self.imports.prepare([(name, selector) for name, settings in declaration.items() for selector in settings["devices"]])
         with maybe_lock(self.check_mode):
             self.enumerate()
             self.load_domains()
@@ -641,7 +643,8 @@ class Planner:
     ) -> dict:
         """usb_attach: one domain gets the devices, in addition to what it has unless ``exclusive``."""
         handle = self.lookup(domain_name)
-        self.imports.prepare([(handle.name(), selector) for selector in selectors])
+        with maybe_lock(self.check_mode):
+            self.imports.prepare([(handle.name(), selector) for selector in selectors])
         with maybe_lock(self.check_mode):
             self.enumerate()
             self.load_domains()

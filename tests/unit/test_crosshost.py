@@ -12,9 +12,11 @@ are in tests/integration/test_crosshost_testhost.py.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import re
 import socket
+import threading
 
 import pytest
 import yaml
@@ -23,7 +25,7 @@ from tests.lib.domains import URI
 from tests.lib import modrun
 from tests.lib.modrun import run_module
 from tests.lib.usbtree import root_hub, vhci_hcd
-from tests.unit.passthrough_support import KINGSTON_ID, attach, detach, failed, hostdev, hostdevs, metadata
+from tests.unit.passthrough_support import KINGSTON_ID, attach, detach, failed, hostdev, hostdevs, metadata, wait_for_lock_waiter
 from tests.unit.trees import REFERENCE
 from tests.unit.usbip_support import STICK, _usbip, fake_sysfs, serving
 
@@ -161,6 +163,39 @@ def test_another_hosts_selector_never_takes_an_imported_device_and_an_unreachabl
     assert "connection refused" in msg, msg
     assert domains.snapshot() == before
     assert (imports_dir / "0.json").exists()
+
+
+def test_an_import_waits_for_the_host_lock_as_the_agents_imports_do(domains, imports_dir, tmp_path):
+    """Two imports at once on one host would pick the same free vhci port: a run imports only under the host lock.
+    The exporter here is a listener of the test's that closes every connection, so the import fails once made."""
+    name = domains.define("xhost-lock")
+    lock = tmp_path / "lock"
+    lock.touch()
+    env = dict(env_of(imports_dir), KVMHOST_USB_LOCK=str(lock))
+    connections = []
+    results = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        selector = dict(REMOTE, host="kvm3", link_port=listener.getsockname()[1])
+
+        def answer():
+            connection, _address = listener.accept()
+            connections.append(connection)
+            connection.close()
+
+        answering = threading.Thread(target=answer, daemon=True)
+        answering.start()
+        run = threading.Thread(target=lambda: results.append(attach({"domain": name, "devices": [selector]}, IMPORTING, env=env)))
+        with open(lock) as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            run.start()
+            wait_for_lock_waiter(lock, run, results)
+            assert connections == []
+        run.join()
+        answering.join(timeout=10)
+    assert len(connections) == 1
+    failed(results[0], "Domain %s: cannot import id=%s from kvm3 (127.0.0.1:%d)" % (name, STICK_ID, selector["link_port"]), "closed the connection")
 
 
 def test_converge_drops_an_imported_device_no_longer_declared_and_releases_its_import(domains, imports_dir):

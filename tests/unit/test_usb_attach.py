@@ -8,9 +8,7 @@ the refused-live-attach case. Hot attach that succeeds is tested on the test hos
 from __future__ import annotations
 
 import fcntl
-import os
 import threading
-import time
 
 import libvirt
 import pytest
@@ -30,6 +28,7 @@ from tests.unit.passthrough_support import (
     mounted_stick,
     root_devno,
     source_xml,
+    wait_for_lock_waiter,
     without_library,
 )
 from tests.unit.trees import KINGSTON, REFERENCE, hid, hub
@@ -251,13 +250,6 @@ def test_concurrent_attaches_of_one_device_do_not_both_succeed(domains):
         domains.remove(right)
 
 
-def lock_waiters(path):
-    """How many flock requests on the file at ``path`` are blocked, from /proc/locks ("->" marks a waiter)."""
-    inode = ":%d " % os.stat(path).st_ino
-    with open("/proc/locks") as handle:
-        return len([line for line in handle if "->" in line and inode in line])
-
-
 def test_check_mode_creates_no_lock_file_and_waits_for_a_change_in_progress(domains, tmp_path):
     name = domains.define("check-lock")
     lock = tmp_path / "lock"
@@ -270,10 +262,7 @@ def test_check_mode_creates_no_lock_file_and_waits_for_a_change_in_progress(doma
         fcntl.flock(held, fcntl.LOCK_EX)
         checking = threading.Thread(target=lambda: results.append(attach({"domain": name, "devices": ["0951:1666"]}, check_mode=True, env=env)))
         checking.start()
-        deadline = time.monotonic() + 60
-        while not lock_waiters(lock):
-            assert time.monotonic() < deadline and checking.is_alive(), "the check-mode run did not wait for the lock: %s" % results
-            time.sleep(0.1)
+        wait_for_lock_waiter(lock, checking, results)
         assert results == []
     checking.join()
     assert results[0]["rc"] == 0 and results[0]["changed"] is True, results
