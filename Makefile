@@ -90,8 +90,10 @@ integration: setup testhost-image
 integration-crosshost: setup testhost-image
 	$(PY) -m pytest -q tests/integration/test_crosshost_testhost.py
 
+# Molecule keeps its state (whether the instance was created) under ~/.ansible/tmp, keyed by the project directory's
+# name alone, which every clone shares: each checkout keeps it in its own build/ (one scenario, so one directory).
 molecule: setup testhost-image
-	cd extensions && ../$(VENV)/bin/molecule test --all
+	cd extensions && MOLECULE_EPHEMERAL_DIRECTORY=$(CURDIR)/build/molecule ../$(VENV)/bin/molecule test --all
 
 benchmark: setup
 	$(PY) benchmarks/usb_facts_enumeration.py
