@@ -602,7 +602,6 @@ class Planner:
         # Imports are made under the host lock, as the agent makes them: two at once could pick the same free vhci port.
         with maybe_lock(self.check_mode):
             self.imports.prepare([(name, selector) for name, settings in declaration.items() for selector in settings["devices"]])
-        with maybe_lock(self.check_mode):
             self.enumerate()
             self.load_domains()
             drift = self.model.drift(declaration, _usb.build_topology(self.devices))
@@ -645,7 +644,6 @@ class Planner:
         handle = self.lookup(domain_name)
         with maybe_lock(self.check_mode):
             self.imports.prepare([(handle.name(), selector) for selector in selectors])
-        with maybe_lock(self.check_mode):
             self.enumerate()
             self.load_domains()
             domain = self.domain(handle.UUIDString())
