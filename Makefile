@@ -83,7 +83,7 @@ build: setup
 testhost-image: setup
 	$(PY) -m tests.testhost build
 
-# The two linked test hosts (USB/IP between them) have their own target until their module has passed whole.
+# The two linked test hosts (USB/IP between them) also have a target of their own; `make integration` runs them too.
 integration: setup testhost-image
 	$(PY) -m pytest -q --durations=25 tests/integration
 
