@@ -269,7 +269,7 @@ ansible_facts:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _crosshost, _host, _hostconf, _libvirt, _usb, _usbip
+from ansible_collections.kvmhost.usb.plugins.module_utils import _facts, _hostconf, _usb
 
 
 def main():
@@ -294,41 +294,15 @@ def main():
     except _usb.SelectorError as error:
         module.fail_json(msg=str(error))
 
-    devices = _usb.enumerate_devices()
-    topology = _usb.build_topology(devices)
-    model = _host.HostModel(devices, [])
-    if _libvirt.libvirt is None:
-        module.warn("Not reporting attachments: " + missing_required_lib(_libvirt.LIBVIRT_REQUIREMENT))
-    else:
-        try:
-            conn = _libvirt.connect(module.params["uri"])
-            try:
-                model.domains = _host.load_domains(conn, module.params["uri"])
-            finally:
-                conn.close()
-        except (_libvirt.LibvirtError, _host.HostError, _libvirt.libvirt.libvirtError) as error:
-            module.warn("Not reporting attachments: %s" % error)
-
-    listed = devices if module.params["include_hubs"] else model.candidates
-    listed = _usb.filter_devices(listed, filters)
-    try:
-        exported = _crosshost.exported_to(model.candidates)
-    except _usbip.UsbipError as error:
-        module.warn("Not reporting exports: %s" % error)
-        exported = {}
-    imported = _crosshost.imported_from(model.candidates)
-    views = []
-    for device in listed:
-        view = model.device_view(device)
-        view["exported_to"] = exported.get(device["id"])
-        view["imported_from"] = imported.get(device["id"])
-        views.append(view)
+    host = _facts.gather(module.params["uri"], module.params["include_hubs"], filters)
+    for warning in host["warnings"]:
+        module.warn(warning)
     module.exit_json(
         changed=False,
         ansible_facts=dict(
-            usb_devices=views,
-            usb_topology=topology,
-            usb_domains=[model.domain_view(domain) for domain in model.domains],
+            usb_devices=host["devices"],
+            usb_topology=host["topology"],
+            usb_domains=host["domains"],
             passthrough_enabled=_hostconf.passthrough_enabled(module.params["host_conf"]),
         ),
     )

@@ -1,0 +1,256 @@
+#!/usr/bin/python
+# Copyright (c) 2026, kvmhost.usb contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: usb_runtime
+short_description: Install the kvmhost.usb host runtime (the reattach agent and the USB/IP exporter) in one step
+version_added: 0.1.0
+description:
+  - Installs C(kvmhost-usb), the one program a KVM host runs between converges, and its services.
+    C(kvmhost-usb agent) keeps declared devices attached across unplug, replug and domain start
+    (service C(kvmhost-usb-agent)); C(kvmhost-usb exporter) offers this host's exported devices over USB/IP
+    (service C(kvmhost-usb-exporter)); C(kvmhost-usb status) says what the host holds, exports and imports and how
+    both services are (C(--json) for scripts); C(kvmhost-usb version) prints the version and build hash.
+  - The program is built on the host from the collection's own code that this module carries, as one zipapp
+    (C(/usr/lib/kvmhost-usb/kvmhost-usb.pyz), on the PATH as C(/usr/local/bin/kvmhost-usb)). The module and the program
+    it installs are of one version; the build hash is over the program's sources, so the same collection gives the same
+    program on every host.
+  - Writes the services' systemd units and the kernel modules loaded at boot (C(vhci-hcd) on a host that imports
+    devices, C(usbip-host) on one that exports), restarts a service only when its program or unit changed (or it is not
+    running), and enables it. A service not wanted is stopped, disabled and its unit removed.
+  - O(state=absent) stops and removes all of it. The agent's code as collection 0.1.0's role copied it
+    (C(/usr/local/lib/kvmhost-usb)) is removed either way.
+author:
+  - kvmhost.usb contributors (!UNKNOWN)
+extends_documentation_fragment:
+  - kvmhost.usb.common.attributes
+attributes:
+  check_mode:
+    support: full
+    details: Nothing is written, started or stopped; RV(changes) says what would be.
+  diff_mode:
+    support: full
+    details: Each file that changes, before and after (the units as text, the program by size and hash).
+options:
+  state:
+    description: Whether the runtime is installed.
+    type: str
+    choices: [present, absent]
+    default: present
+  agent:
+    description: Whether the reattach agent runs (service C(kvmhost-usb-agent)).
+    type: bool
+    default: true
+  exporter:
+    description: Whether the USB/IP exporter runs (service C(kvmhost-usb-exporter)); a host that exports devices needs it.
+    type: bool
+    default: false
+  import_addresses:
+    description:
+      - The link addresses of the hosts this host imports devices from. The agent's unit admits TCP to these alone,
+        and C(vhci-hcd) is loaded at boot when there is any.
+    type: list
+    elements: str
+    default: []
+  uri:
+    description: The libvirt URI the agent watches.
+    type: str
+    default: qemu:///system
+  agent_period:
+    description: Seconds between the agent's full passes when no event comes.
+    type: float
+    default: 60
+  python:
+    description: The Python 3 interpreter the services run the program with (3.9 or later, with pyudev and libvirt-python).
+    type: path
+    default: /usr/bin/python3
+requirements:
+  - systemd on the managed host.
+notes:
+  - The environment variable E(KVMHOST_USB_RUNTIME_ROOT) puts every file under another root directory; it exists for tests.
+seealso:
+  - module: kvmhost.usb.usb_passthrough
+  - module: kvmhost.usb.usb_export
+"""
+
+EXAMPLES = r"""
+- name: Install the host runtime with the agent and the exporter
+  kvmhost.usb.usb_runtime:
+    exporter: true
+
+- name: A host that imports devices from kvm1
+  kvmhost.usb.usb_runtime:
+    import_addresses: [10.77.0.1]
+
+- name: Remove the runtime
+  kvmhost.usb.usb_runtime:
+    state: absent
+"""
+
+RETURN = r"""
+version:
+  description: The collection version the program was built from.
+  returned: success
+  type: str
+  sample: 0.1.0
+hash:
+  description: The build hash of the program (sha256 over its sources), as C(kvmhost-usb version) prints it.
+  returned: success
+  type: str
+path:
+  description: Where the program is.
+  returned: success
+  type: str
+  sample: /usr/lib/kvmhost-usb/kvmhost-usb.pyz
+changes:
+  description: What the run changed (in check mode, would change), one line each.
+  returned: success
+  type: list
+  elements: str
+  sample: ["write the program", "write the agent unit", "restart kvmhost-usb-agent.service"]
+services:
+  description: Each service with whether it is wanted and what the run did to it (V(restart), V(stop) or V(none)).
+  returned: success
+  type: dict
+  sample: {"agent": {"unit": "kvmhost-usb-agent.service", "wanted": true, "action": "none"}}
+"""
+
+import ipaddress
+import os
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.kvmhost.usb.plugins.module_utils import _runtime, _runtime_install
+
+
+class RuntimeManager:
+    def __init__(self, module):
+        self.module = module
+        self.params = module.params
+        self.root = os.environ.get("KVMHOST_USB_RUNTIME_ROOT", "")
+        self.systemctl = module.get_bin_path("systemctl", required=True)
+        self.changes = []
+        self.diff = []
+
+    def show(self, unit):
+        rc, out, err = self.module.run_command([self.systemctl, "show", "--property=ActiveState,UnitFileState", unit])
+        if rc != 0:
+            self.module.fail_json(msg="systemctl show %s failed: %s" % (unit, err.strip() or out.strip()))
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def systemctl_run(self, *args):
+        rc, out, err = self.module.run_command([self.systemctl] + list(args))
+        if rc != 0:
+            self.module.fail_json(msg="systemctl %s failed: %s" % (" ".join(args), err.strip() or out.strip()), changes=self.changes)
+
+    def check_params(self):
+        params = self.params
+        for address in params["import_addresses"]:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                self.module.fail_json(msg="import_addresses: %r is not an IP address (the link address of an exporting host)" % address)
+        if not params["uri"] or any(character.isspace() for character in params["uri"]):
+            self.module.fail_json(msg="uri: %r is not a libvirt URI (it must not be empty or hold white space)" % params["uri"])
+        if not os.path.isabs(params["python"]) or any(character.isspace() for character in params["python"]):
+            self.module.fail_json(msg="python: %r is not an absolute path without white space" % params["python"])
+        if params["agent_period"] <= 0:
+            self.module.fail_json(msg="agent_period: %s is not a positive number of seconds" % params["agent_period"])
+
+    def run(self):
+        self.check_params()
+        params = self.params
+        present = params["state"] == "present"
+        try:
+            program = _runtime_install.build(params["python"])
+        except _runtime_install.RuntimeBuildError as error:
+            self.module.fail_json(msg=str(error))
+        wanted = {"agent": present and params["agent"], "exporter": present and params["exporter"]}
+        files = _runtime_install.files(
+            program, params["state"], params["agent"], params["exporter"], params["uri"], params["agent_period"],
+            params["import_addresses"], params["python"],
+        )
+        changed_files = [name for name, item in files.items() if item.current(self.root) != item.wanted()]
+        for name in changed_files:
+            item = files[name]
+            self.changes.append(("write the %s" % name) if item.wanted() is not None else ("remove the %s" % name))
+            if self.module._diff:
+                is_program = name == "program"
+                self.diff.append(dict(
+                    before_header=item.path, after_header=item.path,
+                    before=_runtime_install.describe(item.current(self.root), is_program),
+                    after=_runtime_install.describe(item.wanted(), is_program),
+                ))
+        old_tree = _runtime_install.old_tree(self.root)
+        if old_tree:
+            self.changes.append("remove the agent's code of collection 0.1.0 (%s)" % _runtime_install.OLD_TREE)
+
+        services = {}
+        for role, unit in _runtime.SERVICES.items():
+            unit_file = files["%s unit" % role]
+            installed = unit_file.current(self.root) is not None
+            state = self.show(unit) if installed else {}
+            active = state.get("ActiveState") in ("active", "activating", "reloading")
+            action = "none"
+            if wanted[role]:
+                if "program" in changed_files or "%s unit" % role in changed_files or not active:
+                    action = "restart"
+                if state.get("UnitFileState") != "enabled":
+                    self.changes.append("enable %s" % unit)
+            elif installed:
+                action = "stop"
+            if action != "none":
+                self.changes.append("%s %s" % (action, unit))
+            services[role] = dict(unit=unit, wanted=wanted[role], action=action, enable=wanted[role] and state.get("UnitFileState") != "enabled")
+
+        if self.changes and not self.module.check_mode:
+            self.apply(files, changed_files, services, old_tree)
+        result = dict(
+            changed=bool(self.changes), version=program.version, hash=program.hash, path=_runtime_install.PROGRAM,
+            changes=self.changes, services=dict((role, dict((k, v) for k, v in item.items() if k != "enable")) for role, item in services.items()),
+        )
+        if self.module._diff:
+            result["diff"] = self.diff
+        self.module.exit_json(**result)
+
+    def apply(self, files, changed_files, services, old_tree):
+        for item in services.values():
+            if item["action"] == "stop":
+                self.systemctl_run("disable", "--now", item["unit"])
+        for name in changed_files:
+            if files[name].wanted() is None:
+                files[name].remove(self.root)
+            else:
+                files[name].write(self.root)
+        if old_tree:
+            _runtime_install.remove_old_tree(self.root)
+        if any(name.endswith(" unit") for name in changed_files):
+            self.systemctl_run("daemon-reload")
+        for item in services.values():
+            if item["enable"]:
+                self.systemctl_run("enable", item["unit"])
+            if item["action"] == "restart":
+                self.systemctl_run("restart", item["unit"])
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            state=dict(type="str", choices=["present", "absent"], default="present"),
+            agent=dict(type="bool", default=True),
+            exporter=dict(type="bool", default=False),
+            import_addresses=dict(type="list", elements="str", default=[]),
+            uri=dict(type="str", default="qemu:///system"),
+            agent_period=dict(type="float", default=60),
+            python=dict(type="path", default="/usr/bin/python3"),
+        ),
+        supports_check_mode=True,
+    )
+    RuntimeManager(module).run()
+
+
+if __name__ == "__main__":
+    main()
