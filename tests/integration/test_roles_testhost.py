@@ -9,6 +9,7 @@ kubectl on PATH that records its calls, in tests/unit/test_host_role.py.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 
 from tests.testhost import TestHost
 from tests.testhost.ansible import play, run_module, shown, usb_facts
+from tests.testhost.devices import SERIAL_ADAPTER, STICK, TWIN_A, TWIN_B
 from tests.testhost.paths import REPO
 
 CHROMIUM = [
@@ -25,10 +27,6 @@ CHROMIUM = [
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]
 
-STICK = "46f4:0001:KING0001"
-TWIN_A = "0627:0001:TWIN-A"
-TWIN_B = "0627:0001:TWIN-B"
-SERIAL_ADAPTER = "0403:6001:FTDI0001"
 
 UNIT = "kvmhost-hostagent"
 UNIT_TEXT = "[Unit]\nDescription=Stand-in for the Cloudpods host agent\n[Service]\nExecStart=/bin/sleep infinity\n"
@@ -219,3 +217,35 @@ def screenshot(page, tmp_path) -> None:
         capture_output=True, text=True, timeout=120, check=True,
     )
     assert os.path.getsize(target) > 10000
+
+
+def test_the_role_installs_the_host_runtime_in_one_task_and_a_converged_host_costs_at_most_12_tasks(fleet: TestHost, tmp_path) -> None:
+    with_agent = dict(DECLARED_VARS, usb_passthrough_agent=True)
+    first = play(fleet, "converge.yml", tmp_path, with_agent)
+    assert first.returncode == 0, first.stdout
+    assert first.stdout.count("TASK [kvmhost.usb.passthrough : Install or remove the host runtime (kvmhost-usb)]") == 1
+    unit = fleet.ssh("systemctl", "cat", "kvmhost-usb-agent.service").stdout
+    assert "ExecStart=/usr/bin/python3 /usr/lib/kvmhost-usb/kvmhost-usb.pyz agent" in unit
+    assert fleet.ssh("systemctl", "is-active", "kvmhost-usb-agent.service").stdout.strip() == "active"
+
+    words = fleet.ssh("kvmhost-usb", "status").stdout
+    report = json.loads(fleet.ssh("kvmhost-usb", "status", "--json").stdout)
+    version = fleet.ssh("kvmhost-usb", "version").stdout.split()
+    assert version == ["kvmhost-usb", report["version"], report["hash"]]
+    assert report["services"]["agent"]["ActiveState"] == "active"
+    held = dict((item["id"], item["domains"]) for item in report["attached"])
+    assert held[STICK] == held[TWIN_A] == ["roles-a"] and held[SERIAL_ADAPTER] == ["roles-b"]
+    assert TWIN_B not in held
+    assert re.search(r"^agent +active \(running\), pid \d+", words, re.M), words
+    assert "attached  %s at 2-1 to roles-a (live)" % STICK in words
+
+    again = play(fleet, "converge.yml", tmp_path, with_agent)
+    recap = again.recap["testhost"]  # type: ignore[attr-defined]
+    assert (again.returncode, recap["changed"]) == (0, 0), again.stdout
+    assert recap["ok"] + recap["skipped"] <= 12, recap
+
+    # Leave the host as the fixture found it: no agent (and this proves state absent under the real systemd).
+    gone = play(fleet, "converge.yml", tmp_path, DECLARED_VARS)
+    assert gone.returncode == 0 and gone.changed == 1, gone.stdout
+    assert fleet.ssh("test", "-e", "/usr/lib/kvmhost-usb/kvmhost-usb.pyz", check=False).returncode == 1
+    assert fleet.ssh("systemctl", "is-active", "kvmhost-usb-agent.service", check=False).stdout.strip() == "inactive"
