@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -54,7 +53,7 @@ import libvirt  # noqa: E402
 
 from plugins.module_utils import _usb  # noqa: E402
 from tests.lib import bigtree, domains, libvirtd, usbtree  # noqa: E402
-from tests.lib.modrun import collection_root  # noqa: E402
+from tests.lib.playbook import ansible_playbook  # noqa: E402
 
 PREFIX = "kvmhost-usb-bench-"
 DEVICES_PER_GUEST = 2
@@ -129,8 +128,6 @@ PLAYBOOKS = {
 """,
 }
 
-RECAP = re.compile(r"localhost\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
-
 
 def host_devices(leaves):
     """The smallest bigtree host of KINDS with at least ``leaves`` devices that are not hubs."""
@@ -168,10 +165,6 @@ def plan(guests, candidates, workdir):
     return {"declaration": declaration, "attachments": attachments, "uri": domains.URI}, expected
 
 
-def quiet(ctx, error):
-    return None
-
-
 def remove_all(conn):
     for domain in conn.listAllDomains(0):
         if domain.name().startswith(PREFIX):
@@ -199,28 +192,14 @@ def holdings(conn, expected):
 
 
 def run_playbook(playbook, variables, lock):
-    env = dict(
-        os.environ,
-        ANSIBLE_COLLECTIONS_PATH=collection_root(),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_RETRY_FILES_ENABLED="0",
-        ANSIBLE_LOCALHOST_WARNING="0",
-        ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
-        KVMHOST_USB_LOCK=lock,
-    )
-    command = [
-        os.path.join(os.path.dirname(sys.executable), "ansible-playbook"),
-        "-i", "localhost,", playbook,
-        "-e", "@" + variables,
-        "-e", "ansible_python_interpreter=%s" % sys.executable,
-    ]
+    options = ["-e", "@" + variables, "-e", "ansible_python_interpreter=%s" % sys.executable]
     started = time.perf_counter()
-    process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800, check=False)
+    process = ansible_playbook("localhost,", playbook, *options, env={"KVMHOST_USB_LOCK": lock})
     elapsed = time.perf_counter() - started
-    recap = RECAP.search(process.stdout)
+    recap = process.recap.get("localhost")
     if process.returncode != 0 or not recap:
         raise SystemExit("ansible-playbook %s failed (rc %d):\n%s\n%s" % (playbook, process.returncode, process.stdout[-4000:], process.stderr[-2000:]))
-    return elapsed, int(recap.group(2))
+    return elapsed, recap["changed"]
 
 
 def load():
@@ -352,7 +331,6 @@ def summarize(medians, sizes, methods, loads, options):
 
 def inner(options, sizes, methods):
     """Under umockdev-run, set up once for every playbook run (its cost is no part of any figure)."""
-    libvirt.registerErrorHandler(quiet, None)
     conn = libvirt.open(domains.URI)
     print("%s, start: %s" % (time.strftime("%Y-%m-%d %H:%M:%S"), load()), flush=True)
     all_times = {}

@@ -4,7 +4,7 @@
 
 * replug latency: the stick on host A is pulled out through QMP; once the guest holding it no longer
   lists it, QMP ``device_add`` plugs it back in, and the time until the guest's ``info usb`` lists it
-  again is taken (tests/integration/agent_support.py's watcher). Host-local: the guest runs on A itself,
+  again is taken (tests/testhost/replug.py's watcher). Host-local: the guest runs on A itself,
   reattached by A's agent. Across hosts: the guest runs on B, declared with ``host: kvm1``, brought back
   by A's exporter, B's agent import and attach. Median of ``--replugs`` each.
 * bulk read: ``dd`` of the whole stick with O_DIRECT, on A directly and on B through the import
@@ -29,10 +29,11 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from tests.integration.agent_support import timed_replug, wait_in_guest  # noqa: E402
 from tests.testhost import TestHost  # noqa: E402
 from tests.testhost.ansible import play_fleet  # noqa: E402
+from tests.testhost.guest import wait_in_guest  # noqa: E402
 from tests.testhost.pair import A_NAME, B_NAME, LinkedPair  # noqa: E402
+from tests.testhost.replug import timed_replug  # noqa: E402
 
 GUEST = "benchvm"
 STICK = "46f4:0001:KING0001"

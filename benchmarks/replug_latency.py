@@ -32,11 +32,12 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from tests.integration.agent_support import UNIT, journal, set_agent, timed_replug, wait_in_guest, wait_journal, wait_settled  # noqa: E402
-from tests.integration.test_agent_testhost import storm  # noqa: E402
 from tests.testhost import TestHost, guest  # noqa: E402
+from tests.testhost.agent import UNIT, journal, set_agent, wait_journal  # noqa: E402
 from tests.testhost.ansible import run_module  # noqa: E402
+from tests.testhost.guest import wait_in_guest, wait_settled  # noqa: E402
 from tests.testhost.host import owned_name  # noqa: E402
+from tests.testhost.replug import storm, timed_replug  # noqa: E402
 
 GUEST = "benchvm"
 STICK = {"device": "stick", "serial": "KING0001", "product": "QEMU USB HARDDRIVE", "vendor_id": "46f4", "product_id": "0001"}

@@ -18,16 +18,12 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.testhost import TestHost
-from tests.testhost.host import owned_name, remove_orphans
-
-# Test hosts are named pytest-<PID of this session>[-name]: sessions running side by side
-# (two developers, or a developer and CI) never share or stop each other's test host.
-PREFIX = "pytest"
+from tests.testhost.host import PYTEST_PREFIX, owned_name, remove_orphans
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     # A crashed earlier session may have left its test hosts running: they would only eat CPU.
-    remove_orphans(PREFIX)
+    remove_orphans(PYTEST_PREFIX)
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +33,7 @@ def testhost() -> Iterator[TestHost]:
     A test that changes the devices (unplug, replug elsewhere) puts them back as declared
     before it ends, so that the next test finds the default topology.
     """
-    host = TestHost(owned_name(PREFIX)).start()
+    host = TestHost(owned_name(PYTEST_PREFIX)).start()
     try:
         yield host
     finally:
@@ -50,7 +46,7 @@ def testhost_factory() -> Iterator[Callable[..., TestHost]]:
     started: list[TestHost] = []
 
     def start(name: str, topology_file: str, memory_mib: int = 1024) -> TestHost:
-        host = TestHost(owned_name(PREFIX, name), topology_file, memory_mib=memory_mib)
+        host = TestHost(owned_name(PYTEST_PREFIX, name), topology_file, memory_mib=memory_mib)
         started.append(host)
         return host.start()
 

@@ -15,9 +15,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.agent_support import UNIT, journal, kernel_address, set_agent, wait_in_guest, wait_journal, wait_settled
-from tests.integration.test_agent_testhost import STICK, attach, hostdev_sources, intent_status, take_all
 from tests.testhost import TestHost
+from tests.testhost.agent import UNIT, journal, set_agent, wait_journal
+from tests.testhost.ansible import attach, intent_status, take_all
+from tests.testhost.devices import STICK
+from tests.testhost.guest import hostdev_sources, kernel_address, wait_in_guest, wait_settled
 
 GUEST = "faultvm"
 PERIOD = 600

@@ -8,20 +8,18 @@ takes its devices away and puts every device back where the topology declares it
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.agent_support import UNIT, journal, kernel_address, set_agent, wait_in_guest, wait_journal, wait_settled
 from tests.testhost import TestHost
-from tests.testhost.ansible import run_module
+from tests.testhost.agent import UNIT, journal, set_agent, wait_journal
+from tests.testhost.ansible import attach, intent_status, take_all
+from tests.testhost.devices import SERIAL_ADAPTER, STICK, TWIN_A, TWIN_B
+from tests.testhost.guest import hostdev_sources, kernel_address, wait_in_guest, wait_settled
+from tests.testhost.replug import storm
 
 GUEST = "agentvm"
-STICK = "46f4:0001:KING0001"
-TWIN_A = "0627:0001:TWIN-A"
-TWIN_B = "0627:0001:TWIN-B"
-SERIAL_ADAPTER = "0403:6001:FTDI0001"
 
 
 @pytest.fixture(scope="module")
@@ -41,41 +39,6 @@ def agent(testhost: TestHost) -> Iterator[TestHost]:
 def vm(agent: TestHost) -> Iterator[str]:
     with agent.running_guest(GUEST) as name:
         yield name
-
-
-def attach(host: TestHost, domain: str, devices: list) -> None:
-    result = run_module(host, "kvmhost.usb.usb_attach", {"domain": domain, "devices": devices})
-    assert not result["failed"], result
-
-
-def take_all(host: TestHost, domain: str) -> None:
-    result = run_module(host, "kvmhost.usb.usb_attach", {"domain": domain, "devices": [], "exclusive": True})
-    assert not result["failed"], result
-
-
-def hostdev_sources(host: TestHost, domain: str, inactive: bool = False) -> list[str]:
-    argv = ["virsh", "-q", "-c", "qemu:///system", "dumpxml", domain] + (["--inactive"] if inactive else [])
-    xml = host.ssh(*argv).stdout
-    sources = re.findall(r"<hostdev mode='subsystem' type='usb'.*?(<source.*?</source>)", xml, re.S)
-    return [re.sub(r">\s+<", "><", source) for source in sources]
-
-
-def intent_status(host: TestHost, domain: str, scope: str) -> dict[str, str]:
-    result = run_module(host, "kvmhost.usb.usb_facts")
-    [facts] = [entry for entry in result["ansible_facts"]["usb_domains"] if entry["name"] == domain]
-    return dict((entry["id"], entry["status"]) for entry in facts[scope]["intent"])
-
-
-def storm(host: TestHost, device_id: str, count: int, restart_after: int | None = None) -> None:
-    """``count`` replugs of a device as fast as QEMU takes them; optionally restart the agent after some."""
-    device = host.topology.device(device_id)
-    with host.qmp() as qmp:
-        for number in range(count):
-            qmp.unplug(device_id)
-            qmp.ensure_backend(device, host.run_dir)
-            qmp.plug(device)
-            if restart_after is not None and number + 1 == restart_after:
-                host.ssh("systemctl", "restart", "--no-block", UNIT)
 
 
 def test_replug_of_an_attached_stick_comes_back_in_the_guest(agent: TestHost, vm: str) -> None:

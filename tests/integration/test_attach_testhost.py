@@ -8,7 +8,6 @@ its guests and puts every device back where it was.
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Iterator
 
@@ -16,11 +15,8 @@ import pytest
 
 from tests.testhost import TestHost
 from tests.testhost.ansible import run_module
-
-STICK = "46f4:0001:KING0001"
-TWIN_A = "0627:0001:TWIN-A"
-TWIN_B = "0627:0001:TWIN-B"
-SERIAL_ADAPTER = "0403:6001:FTDI0001"
+from tests.testhost.devices import SERIAL_ADAPTER, STICK, TWIN_A, TWIN_B
+from tests.testhost.guest import dumpxml, hostdev_sources
 
 
 def attach(host: TestHost, args: dict, check: bool = False, diff: bool = False) -> dict:
@@ -33,17 +29,6 @@ def detach(host: TestHost, args: dict, check: bool = False) -> dict:
 
 def products(host: TestHost, guest: str) -> list[str]:
     return sorted(device["product"] for device in host.guest_usb(guest))
-
-
-def domain_xml(host: TestHost, guest: str, inactive: bool = False) -> str:
-    argv = ["virsh", "-q", "-c", "qemu:///system", "dumpxml", guest] + (["--inactive"] if inactive else [])
-    return host.ssh(*argv).stdout
-
-
-def hostdev_sources(xml: str) -> list[str]:
-    """The <source> of each USB hostdev, whitespace removed: what names the host device."""
-    sources = re.findall(r"<hostdev mode='subsystem' type='usb'.*?(<source.*?</source>)", xml, re.S)
-    return [re.sub(r">\s+<", "><", source) for source in sources]
 
 
 def bound_to(device: dict) -> tuple[int, int]:
@@ -91,10 +76,10 @@ def test_hot_attach_to_a_running_guest_is_seen_in_info_usb(testhost: TestHost, g
     assert result["devices"][0]["attached_to"] == {"live": [name], "persistent": [name]}
     assert products(testhost, name) == ["QEMU USB HARDDRIVE"]
     bus, devnum = kernel_address(testhost, "KING0001")
-    assert hostdev_sources(domain_xml(testhost, name)) == [
+    assert hostdev_sources(testhost, name) == [
         "<source><vendor id='0x46f4'/><product id='0x0001'/><address bus='%d' device='%d'/></source>" % (bus, devnum)
     ]
-    assert hostdev_sources(domain_xml(testhost, name, inactive=True)) == [
+    assert hostdev_sources(testhost, name, inactive=True) == [
         "<source startupPolicy='optional'><vendor id='0x46f4'/><product id='0x0001'/></source>"
     ]
 
@@ -104,7 +89,7 @@ def test_hot_attach_to_a_running_guest_is_seen_in_info_usb(testhost: TestHost, g
     taken = detach(testhost, {"domain": name, "devices": [STICK]})
     assert taken["changed"] is True and not taken["failed"], taken
     assert products(testhost, name) == []
-    assert hostdev_sources(domain_xml(testhost, name, inactive=True)) == []
+    assert hostdev_sources(testhost, name, inactive=True) == []
 
 
 def test_cold_attach_with_auto_start(testhost: TestHost, guests: list[str]) -> None:
@@ -116,7 +101,7 @@ def test_cold_attach_with_auto_start(testhost: TestHost, guests: list[str]) -> N
     assert products(testhost, name) == ["QEMU USB Mouse"]
     bus, devnum = kernel_address(testhost, "TWIN-A")
     # Three 0627:0001 devices on the host: the persistent hostdev needs the address.
-    assert hostdev_sources(domain_xml(testhost, name, inactive=True)) == [
+    assert hostdev_sources(testhost, name, inactive=True) == [
         "<source startupPolicy='optional'><vendor id='0x0627'/><product id='0x0001'/><address bus='%d' device='%d'/></source>" % (bus, devnum)
     ]
 
@@ -142,14 +127,14 @@ def test_identical_devices_chosen_by_serial_and_by_port(testhost: TestHost, gues
 
 def test_ambiguous_selector_fails_and_changes_nothing(testhost: TestHost, guests: list[str]) -> None:
     name = new_guest(testhost, guests, "attach-ambiguous")
-    before = domain_xml(testhost, name, inactive=True)
+    before = dumpxml(testhost, name, inactive=True)
     result = attach(testhost, {"domain": name, "devices": ["0627:0001"]})
     assert result["failed"], result
     assert "is ambiguous: 3 devices match" in result["msg"]
     assert TWIN_A in result["msg"] and TWIN_B in result["msg"]
     assert "Add 'serial' to the selector" in result["msg"]
     assert products(testhost, name) == []
-    assert domain_xml(testhost, name, inactive=True) == before
+    assert dumpxml(testhost, name, inactive=True) == before
 
 
 def test_one_device_one_vm_and_steal(testhost: TestHost, guests: list[str]) -> None:
@@ -167,7 +152,7 @@ def test_one_device_one_vm_and_steal(testhost: TestHost, guests: list[str]) -> N
     assert moved["devices"][0]["attached_to"] == {"live": [thief], "persistent": [thief]}
     assert products(testhost, owner) == []
     assert products(testhost, thief) == ["QEMU USB HARDDRIVE"]
-    assert hostdev_sources(domain_xml(testhost, owner, inactive=True)) == []
+    assert hostdev_sources(testhost, owner, inactive=True) == []
     assert detach(testhost, {"devices": [STICK]})["changed"] is True
 
 
@@ -180,8 +165,8 @@ def test_detach_from_whoever_holds_it(testhost: TestHost, guests: list[str]) -> 
     assert result["domain"] is None
     assert [domain["name"] for domain in result["domains"]] == [name]
     assert products(testhost, name) == []
-    assert hostdev_sources(domain_xml(testhost, name)) == []
-    assert hostdev_sources(domain_xml(testhost, name, inactive=True)) == []
+    assert hostdev_sources(testhost, name) == []
+    assert hostdev_sources(testhost, name, inactive=True) == []
     again = detach(testhost, {"devices": ["1-4"]})
     assert again["changed"] is False and not again["failed"], again
 
@@ -220,7 +205,7 @@ def test_replug_then_a_run_rebinds_the_new_address(testhost: TestHost, guests: l
     assert new != old
     # libvirt does not follow the device: the live XML keeps the old address.
     stale = "<source><vendor id='0x0627'/><product id='0x0001'/><address bus='%d' device='%d'/></source>" % old
-    assert hostdev_sources(domain_xml(testhost, name)) == [stale]
+    assert hostdev_sources(testhost, name) == [stale]
     assert [bound_to(device) for device in testhost.guest_usb(name)] == [old]
 
     result = attach(testhost, {"domain": name, "devices": [TWIN_B]})
@@ -228,7 +213,7 @@ def test_replug_then_a_run_rebinds_the_new_address(testhost: TestHost, guests: l
     assert products(testhost, name) == ["QEMU USB Mouse"]
     assert [bound_to(device) for device in testhost.guest_usb(name)] == [new]
     live = "<source><vendor id='0x0627'/><product id='0x0001'/><address bus='%d' device='%d'/></source>" % new
-    assert hostdev_sources(domain_xml(testhost, name)) == [live]
+    assert hostdev_sources(testhost, name) == [live]
     persistent = "<source startupPolicy='optional'><vendor id='0x0627'/><product id='0x0001'/><address bus='%d' device='%d'/></source>" % new
-    assert hostdev_sources(domain_xml(testhost, name, inactive=True)) == [persistent]
+    assert hostdev_sources(testhost, name, inactive=True) == [persistent]
     assert attach(testhost, {"domain": name, "devices": [TWIN_B]})["changed"] is False

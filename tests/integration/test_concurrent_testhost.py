@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.agent_support import journal, set_agent, wait_journal
 from tests.testhost import Device, TestHost
+from tests.testhost.agent import journal, set_agent, wait_journal
 from tests.testhost.ansible import run_module
 from tests.testhost.guest import host_path
 

@@ -15,9 +15,7 @@ from typing import Any
 
 from tests.testhost import TestHost
 from tests.testhost.ansible import RESULT_LINE, environment, run_module, tool
-
-STICK = "46f4:0001:KING0001"
-SERIAL_ADAPTER = "0403:6001:FTDI0001"
+from tests.testhost.devices import SERIAL_ADAPTER, STICK
 
 
 def controller(host: TestHost, args: dict[str, Any], check: bool = False) -> tuple[dict[str, Any], str]:

@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from tests.integration.agent_support import UNIT as AGENT_UNIT, bound_in_guest, kernel_address
-from tests.integration.conftest import PREFIX
 from tests.testhost import TestHost
+from tests.testhost.agent import UNIT as AGENT_UNIT
 from tests.testhost.ansible import play_fleet, run_module_on
-from tests.testhost.host import owned_name
+from tests.testhost.guest import bound_in_guest, kernel_address
+from tests.testhost.host import PYTEST_PREFIX, owned_name
 from tests.testhost.paths import REPO
 from tests.testhost.pair import A_NAME, B_NAME, MARKER_FILE, STRANGER_ADDRESS, LinkedPair
 
@@ -65,7 +65,7 @@ finally:
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[LinkedPair]:
-    with LinkedPair(owned_name(PREFIX, "xhost"), marker=MARKER) as linked:
+    with LinkedPair(owned_name(PYTEST_PREFIX, "xhost"), marker=MARKER) as linked:
         yield linked
 
 

@@ -28,13 +28,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.agent_support import bound_in_guest
 from tests.lib.midchange import DRIVER, PausedRun
 from tests.testhost import TestHost
 from tests.testhost.ansible import run_module
-from tests.testhost.guest import hostdev_sources, virsh
+from tests.testhost.devices import STICK
+from tests.testhost.guest import bound_in_guest, hostdev_sources, virsh
 
-STICK = "46f4:0001:KING0001"
 SERIAL = "KING0001"
 REMOTE = "/root/kvmhost-usb-midchange"
 MODULE_UTILS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(DRIVER)))), "plugins", "module_utils")

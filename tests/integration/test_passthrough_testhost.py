@@ -21,11 +21,9 @@ import pytest
 
 from tests.testhost import Device, TestHost
 from tests.testhost.ansible import play, run_module, usb_facts
+from tests.testhost.devices import SERIAL_ADAPTER, STICK, TWIN_A
 from tests.testhost.guest import UsbSampler, host_path, hostdev_sources, virsh
 
-STICK = "46f4:0001:KING0001"
-TWIN_A = "0627:0001:TWIN-A"
-SERIAL_ADAPTER = "0403:6001:FTDI0001"
 ADAPTER_PORT = "1-5.1"
 # Cheap serial adapters ship with one serial for the whole batch: a second one, in a free port.
 NEWCOMER = Device(id="ftdi-twin", kind="serial", port="6", serial="FTDI0001")

@@ -18,8 +18,10 @@ from collections.abc import Iterator
 import pytest
 
 from tests.testhost import TestHost
-from tests.testhost.ansible import play, run_module, shown, usb_facts
+from tests.lib.playbook import shown
+from tests.testhost.ansible import play, run_module, usb_facts
 from tests.testhost.devices import SERIAL_ADAPTER, STICK, TWIN_A, TWIN_B
+from tests.testhost.guest import dumpxml
 from tests.testhost.paths import REPO
 
 CHROMIUM = [
@@ -53,10 +55,6 @@ def remote_bytes(host: TestHost, path: str) -> bytes:
 
 def invocation(host: TestHost) -> str:
     return host.ssh("systemctl", "show", "--property=InvocationID", "--value", UNIT).stdout.strip()
-
-
-def domain_xml(host: TestHost, name: str, inactive: bool = False) -> str:
-    return host.ssh(*(["virsh", "-q", "-c", "qemu:///system", "dumpxml", name] + (["--inactive"] if inactive else []))).stdout
 
 
 def products(host: TestHost, guest: str) -> list[str]:
@@ -164,7 +162,7 @@ def test_probe_after_an_unplug_reports_the_missing_device_and_the_stale_hostdev(
     address = "%03d:%03d" % (int(twin_a["busnum"]), int(twin_a["devnum"]))
     fleet.unplug("twin-a")
     fleet.wait_usb(lambda devices: not any(d["serial"] == "TWIN-A" for d in devices))
-    before = (domain_xml(fleet, "roles-a"), domain_xml(fleet, "roles-a", inactive=True))
+    before = (dumpxml(fleet, "roles-a"), dumpxml(fleet, "roles-a", inactive=True))
     probe = play(fleet, "probe.yml", tmp_path, DECLARED_VARS, "--diff")
     assert (probe.returncode, probe.changed) == (0, 0), probe.stdout
     summary = shown(probe, "Show the probe")
@@ -172,7 +170,7 @@ def test_probe_after_an_unplug_reports_the_missing_device_and_the_stale_hostdev(
     assert "roles-a (persistent): hostdev 0627:0001 at %s, where no such device is" % address in summary["stale"]
     assert TWIN_B in summary["unclaimed"]
     assert not any(line.startswith(TWIN_A) for line in summary["present"])
-    assert (domain_xml(fleet, "roles-a"), domain_xml(fleet, "roles-a", inactive=True)) == before
+    assert (dumpxml(fleet, "roles-a"), dumpxml(fleet, "roles-a", inactive=True)) == before
 
     fleet.plug("twin-a")
     fleet.wait_usb(lambda devices: any(d["serial"] == "TWIN-A" for d in devices))

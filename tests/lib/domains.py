@@ -7,6 +7,8 @@ import os
 
 import libvirt
 
+from .domain_xml import NAMESPACE
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The libvirtd of this checkout's test runs (tests/lib/libvirtd.py starts it), never the machine's own.
 LIBVIRT_DIR = os.path.join(REPO, "build", "libvirt")
@@ -23,15 +25,15 @@ DOMAIN_XML = """<domain type='qemu'>
     {devices}
   </devices>
 </domain>"""
+PREFIX = "kvmhost-usb-test-"
 
 
-def usb_hostdev_xml(vendor_id=None, product_id=None, bus=None, device=None):
-    parts = []
-    if vendor_id:
-        parts.append("<vendor id='0x%s'/><product id='0x%s'/>" % (vendor_id, product_id))
-    if bus is not None:
-        parts.append("<address bus='%d' device='%d'/>" % (bus, device))
-    return "<hostdev mode='subsystem' type='usb' managed='no'><source>%s</source></hostdev>" % "".join(parts)
+def quiet(ctx, error):
+    return None
+
+
+# The tests look up domains that may not exist: libvirt would print each miss on stderr.
+libvirt.registerErrorHandler(quiet, None)
 
 
 def undefine(conn, name):
@@ -59,3 +61,49 @@ def defined_domains(specs):
         for name in specs:
             undefine(conn, name)
         conn.close()
+
+
+class Domains:
+    """Diskless domains named kvmhost-usb-test-*, defined on demand and removed at the end (the unit tier's
+    ``domains`` fixture)."""
+
+    def __init__(self):
+        self.conn = libvirt.open(URI)
+        self.names = []
+
+    def define(self, suffix, devices=()):
+        name = PREFIX + suffix
+        undefine(self.conn, name)
+        self.conn.defineXML(DOMAIN_XML.format(name=name, devices="\n    ".join(devices)))
+        self.names.append(name)
+        return name
+
+    def remove(self, name):
+        undefine(self.conn, name)
+        self.names.remove(name)
+
+    def lookup(self, name):
+        return self.conn.lookupByName(name)
+
+    def inactive(self, name):
+        return self.lookup(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+    def live(self, name):
+        return self.lookup(name).XMLDesc(0)
+
+    def snapshot(self):
+        """Every test domain's persistent and live XML, to show that a failed run changed nothing."""
+        state = {}
+        for name in self.names:
+            domain = self.lookup(name)
+            state[name] = (self.inactive(name), self.live(name) if domain.isActive() else None)
+        return state
+
+    def set_intent(self, name, xml, live=False):
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE if live else libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        self.lookup(name).setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, "kvmhost-usb", NAMESPACE, flags)
+
+    def close(self):
+        for name in self.names:
+            undefine(self.conn, name)
+        self.conn.close()

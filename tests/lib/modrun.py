@@ -11,18 +11,8 @@ import tempfile
 
 from . import usbtree
 from .domains import URI
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-COLLECTIONS = os.path.join(REPO, "build", "collections")
-
-
-def collection_root():
-    """A tree with ansible_collections/kvmhost/usb pointing at this checkout."""
-    link = os.path.join(COLLECTIONS, "ansible_collections", "kvmhost", "usb")
-    if not os.path.islink(link):
-        os.makedirs(os.path.dirname(link), exist_ok=True)
-        os.symlink(REPO, link)
-    return COLLECTIONS
+from .playbook import REPO, ansible_playbook, collection_root
+from .trees import REFERENCE
 
 
 def run_module(name, args, devices=None, check_mode=False, diff=False, python=(sys.executable,), python_path=(), env=None):
@@ -79,7 +69,7 @@ PLAYBOOK_HOST_DEFAULTS = {
 
 def run_playbook(directory, hosts, playbook, *options, devices, env=None):
     """ansible-playbook ``playbook`` over an inventory of ``hosts`` (name to host vars, each connecting locally), under
-    umockdev with ``devices``; files in ``directory``. The CompletedProcess."""
+    umockdev with ``devices``; files in ``directory``. The CompletedProcess, with ``recap`` (tests.lib.playbook)."""
     import yaml
 
     tree = os.path.join(str(directory), "tree.umockdev")
@@ -88,14 +78,28 @@ def run_playbook(directory, hosts, playbook, *options, devices, env=None):
     inventory = os.path.join(str(directory), "inventory.yml")
     with open(inventory, "w") as handle:
         yaml.safe_dump({"all": {"hosts": dict((name, dict(PLAYBOOK_HOST_DEFAULTS, **variables)) for name, variables in hosts.items())}}, handle)
-    command = ["umockdev-run", "-d", tree, "--", os.path.join(os.path.dirname(sys.executable), "ansible-playbook")]
-    command += ["-i", inventory, str(playbook)] + list(options)
-    run_env = dict(
-        os.environ,
-        ANSIBLE_COLLECTIONS_PATH=collection_root(),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_STDOUT_CALLBACK="ansible.builtin.default",
-        ANSIBLE_LOCALHOST_WARNING="0",
-        **(env or {}),
-    )
-    return subprocess.run(command, capture_output=True, text=True, env=run_env, timeout=600, check=False, cwd=REPO)
+    return ansible_playbook(inventory, playbook, *options, env=env, wrapper=["umockdev-run", "-d", tree, "--"], timeout=600, cwd=REPO)
+
+
+def attach(args, devices=tuple(REFERENCE), **options):
+    return run_module("usb_attach", args, devices, **options)
+
+
+def detach(args, devices=tuple(REFERENCE), **options):
+    return run_module("usb_detach", args, devices, **options)
+
+
+def failed(result, *fragments):
+    """The message of a module run that failed, with each of ``fragments`` in it."""
+    assert result["rc"] != 0 and result.get("failed") is True, result
+    for fragment in fragments:
+        assert fragment in result["msg"], result["msg"]
+    return result["msg"]
+
+
+def without_library(tmp_path, name):
+    """An environment in which ``import name`` fails on the target, as on a host without the package."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / ("%s.py" % name)).write_text("raise ImportError(%r)\n" % ("No module named '%s'" % name))
+    return {"PYTHONPATH": os.pathsep.join([str(shim), collection_root()])}

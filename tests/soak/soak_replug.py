@@ -24,10 +24,12 @@ import statistics
 import sys
 import time
 
-from tests.integration.agent_support import agent_process, set_agent, timed_replug, wait_in_guest
 from tests.testhost import TestHost
+from tests.testhost.agent import agent_process, set_agent
 from tests.testhost.ansible import run_module
+from tests.testhost.guest import wait_in_guest
 from tests.testhost.host import owned_name
+from tests.testhost.replug import timed_replug
 
 GUEST = "soakvm"
 PRODUCT = "QEMU USB HARDDRIVE"

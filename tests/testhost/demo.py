@@ -14,11 +14,12 @@ from typing import Any, Callable
 
 import yaml
 
-from tests.integration.agent_support import journal, kernel_address, wait_in_guest
+from tests.lib.playbook import task_result
 
 from . import image
-from .ansible import play, run_module, run_playbook, task_result
-from .guest import host_path
+from .agent import journal
+from .ansible import play, run_module, run_playbook
+from .guest import host_path, kernel_address, wait_in_guest
 from .host import TestHost, TestHostError
 from .paths import BUILD_DIR, REPO
 

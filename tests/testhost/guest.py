@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -64,9 +65,14 @@ def remove(host: TestHost, name: str) -> None:
     virsh(host, "undefine", name, check=False)
 
 
+def dumpxml(host: TestHost, name: str, inactive: bool = False) -> str:
+    """The guest's live (or persistent) domain XML."""
+    return virsh(host, "dumpxml", name, *(["--inactive"] if inactive else [])).stdout
+
+
 def hostdev_sources(host: TestHost, name: str, inactive: bool = False) -> list[str]:
     """The <source> of each USB hostdev in the guest's live (or persistent) XML, whitespace removed: what names the host device."""
-    xml = virsh(host, "dumpxml", name, *(["--inactive"] if inactive else [])).stdout
+    xml = dumpxml(host, name, inactive)
     sources = re.findall(r"<hostdev mode='subsystem' type='usb'.*?(<source.*?</source>)", xml, re.S)
     return [re.sub(r">\s+<", "><", source) for source in sources]
 
@@ -189,3 +195,45 @@ class UsbSampler:
                 raise TimeoutError("no %d USB samples of %s within %.0f s" % (count, ", ".join(self.names), timeout))
             if len(self.samples) < target:
                 raise RuntimeError("the USB sampler on the test host ended: %s" % "".join(self.errors).strip())
+
+
+def kernel_address(host: TestHost, serial: str) -> tuple[int, int] | None:
+    device = host.kernel_device(serial=serial)
+    return (int(device["busnum"]), int(device["devnum"])) if device else None
+
+
+def bound_in_guest(host: TestHost, guest: str, serial: str) -> list[dict[str, Any]]:
+    """The guest's USB devices passed through from the host device with this serial as it is now."""
+    address = kernel_address(host, serial)
+    if address is None:
+        return []
+    path = "/dev/bus/usb/%03d/%03d" % address
+    return [device for device in host.guest_usb(guest) if device["host"] and device["host"]["attached"] and device["host"]["hostdevice"] == path]
+
+
+def wait_settled(host: TestHost, guest: str, serial: str, timeout: float = 120.0) -> tuple[int, int]:
+    """After a storm: wait until the device keeps one kernel address for a few seconds and the guest
+    holds it there; that address. (The kernel may still be enumerating the storm's last plug when
+    the guest already holds an earlier one.)"""
+    deadline = time.monotonic() + timeout
+    previous = None
+    while True:
+        address = kernel_address(host, serial)
+        if address is not None and address == previous and bound_in_guest(host, guest, serial):
+            return address
+        if time.monotonic() > deadline:
+            raise AssertionError("%s did not settle in %s: kernel %s, guest %s" % (serial, guest, address, host.guest_usb(guest)))
+        previous = address
+        time.sleep(3)
+
+
+def wait_in_guest(host: TestHost, guest: str, serial: str, timeout: float = 90.0) -> dict[str, Any]:
+    """Wait until the guest holds the host device with this serial at its current address."""
+    deadline = time.monotonic() + timeout
+    while True:
+        bound = bound_in_guest(host, guest, serial)
+        if bound:
+            return bound[0]
+        if time.monotonic() > deadline:
+            raise AssertionError("%s never came back in %s: %s" % (serial, guest, host.guest_usb(guest)))
+        time.sleep(1)

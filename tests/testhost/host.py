@@ -36,6 +36,9 @@ from . import guest, image, qmp, topology
 from .paths import BUILD_DIR, log
 
 RUN_ROOT = os.path.join(BUILD_DIR, "run")
+# The test hosts of a pytest session are named pytest-<PID of the session>[-name]: sessions running side by side
+# (two developers, or a developer and CI) never share or stop each other's test host.
+PYTEST_PREFIX = "pytest"
 
 # Run by the test host's python3: the kernel's own view of its USB devices (JSON on stdout).
 KERNEL_USB_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_usb.py")

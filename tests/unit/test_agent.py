@@ -13,51 +13,17 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import yaml
 
-from tests.lib import usbtree
-from tests.lib.domains import URI
-from tests.lib.modrun import REPO, collection_root
-from tests.unit import passthrough_support
-from tests.unit.passthrough_support import (
-    KINGSTON_ID,
-    TWINS,
-    attach,
-    hostdev,
-    hostdevs,
-    intent,
-    metadata,
-    source_xml,
-)
-from tests.unit.trees import KINGSTON, REFERENCE, hid
+from tests.lib.agentrun import AGENT, agent_pass, ours
+from tests.lib.domain_xml import hostdev, hostdevs, intent, metadata, source_xml
+from tests.lib.modrun import REPO, attach, collection_root
+from tests.lib.trees import KINGSTON, KINGSTON_ID, REFERENCE, REPLUGGED, TWINS, hid
 
 # The debounce is tested in this process.
 sys.path.insert(0, collection_root())
 from ansible_collections.kvmhost.usb.plugins.module_utils._agent import Debouncer  # noqa: E402
-
-domains = passthrough_support.domains  # the fixture
-AGENT = "ansible_collections.kvmhost.usb.plugins.module_utils._agent"
-# The twins after the tablet with serial 42 was replugged: device 2 became device 7.
-REPLUGGED = REFERENCE[:1] + [hid("1-1", 7, serial="42")] + REFERENCE[2:] + [hid("1-2", 3, serial="43")]
-
-
-def agent_pass(devices, *options):
-    """One pass of the agent (``--once``) under umockdev: its output lines."""
-    with tempfile.TemporaryDirectory(prefix="kvmhost-usb-agent-") as tmp:
-        tree = os.path.join(tmp, "tree.umockdev")
-        with open(tree, "w") as handle:
-            handle.write(usbtree.render(devices))
-        command = ["umockdev-run", "-d", tree, "--", sys.executable, "-m", AGENT, "--once", "--uri", URI] + list(options)
-        env = dict(os.environ, PYTHONPATH=collection_root())
-        process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
-    assert process.returncode == 0, process.stderr
-    return process.stdout.splitlines()
-
-
-def ours(lines, name):
-    return [line for line in lines if " %s " % name in line]
 
 
 def test_replug_rebinds_the_persistent_hostdev_once(domains):

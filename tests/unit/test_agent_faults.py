@@ -20,16 +20,15 @@ import libvirt
 import pytest
 
 from tests.lib import usbtree
-from tests.lib.modrun import collection_root
+from tests.lib.agentrun import AGENT, agent_pass, ours
+from tests.lib.domain_xml import hostdev, hostdevs, intent, metadata
+from tests.lib.modrun import attach, collection_root
 from tests.lib.socketproxy import SocketProxy
-from tests.unit import passthrough_support
-from tests.unit.passthrough_support import KINGSTON_ID, TWINS, attach, hostdev, hostdevs, intent, metadata
-from tests.unit.test_agent import AGENT, REPLUGGED, agent_pass, ours
-from tests.unit.trees import REFERENCE
+from tests.lib.trees import KINGSTON_ID, REFERENCE, REPLUGGED, TWINS
 
-from ansible_collections.kvmhost.usb.plugins.module_utils._intent import NAMESPACE, PREFIX, to_xml  # noqa: E402  (test_agent put it on the path)
+sys.path.insert(0, collection_root())
+from ansible_collections.kvmhost.usb.plugins.module_utils._intent import NAMESPACE, PREFIX, to_xml  # noqa: E402
 
-domains = passthrough_support.domains  # the fixture
 KINGSTON_HOSTDEV = "<hostdev mode='subsystem' type='usb'><source startupPolicy='optional'><vendor id='0x0951'/><product id='0x1666'/></source></hostdev>"
 # A period no test waits for: whatever the agent does in these tests, a reconnect or an event made it do.
 PERIOD = "600"

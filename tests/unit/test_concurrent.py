@@ -12,14 +12,12 @@ from __future__ import annotations
 import threading
 import xml.etree.ElementTree as ET
 
-from tests.lib.modrun import run_module
+from tests.lib.agentrun import agent_pass
+from tests.lib.domain_xml import NAMESPACE
+from tests.lib.modrun import attach, detach, run_module
+from tests.lib.trees import hid
 from tests.lib.usbtree import root_hub
-from tests.unit import passthrough_support
-from tests.unit.passthrough_support import NAMESPACE, attach, detach
-from tests.unit.test_agent import agent_pass
-from tests.unit.trees import hid
 
-domains = passthrough_support.domains  # the fixture
 
 # Twelve identical HID devices told apart by their serials (S01 at port 1-1 as device 2, ...), so every
 # persistent hostdev is pinned to an address. S11, which d0 holds, is replugged between the setup and the

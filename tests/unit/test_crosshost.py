@@ -6,7 +6,7 @@ the exports the passthrough role computes from the whole inventory.
 An imported device is described to umockdev as the kernel shows it: a USB device on the vhci bus and the vhci-hcd
 platform device whose status lists the port it is imported at (tests.lib.usbtree.vhci_hcd); the import records are
 in a directory of the test's own. The only USB/IP connections made here are to an exporter the test serves on
-127.0.0.1 (tests/unit/usbip_support.py): a release gives the export back to it. Real imports, and two real hosts,
+127.0.0.1 (tests/lib/usbip_exporter.py): a release gives the export back to it. Real imports, and two real hosts,
 are in tests/integration/test_crosshost_testhost.py.
 """
 
@@ -21,13 +21,14 @@ import threading
 import pytest
 import yaml
 
-from tests.lib.domains import URI
 from tests.lib import modrun
-from tests.lib.modrun import run_module
+from tests.lib.domain_xml import hostdev, hostdevs, metadata
+from tests.lib.domains import URI
+from tests.lib.hostlock import wait_for_lock_waiter
+from tests.lib.modrun import attach, detach, failed, run_module
+from tests.lib.trees import KINGSTON_ID, REFERENCE
+from tests.lib.usbip_exporter import STICK, _usbip, fake_sysfs, serving
 from tests.lib.usbtree import root_hub, vhci_hcd
-from tests.unit.passthrough_support import KINGSTON_ID, attach, detach, failed, hostdev, hostdevs, metadata, wait_for_lock_waiter
-from tests.unit.trees import REFERENCE
-from tests.unit.usbip_support import STICK, _usbip, fake_sysfs, serving
 
 STICK_ID = "46f4:0001:KING0001"
 # The stick of kvm2 as kvm1 sees it once imported: a device on the vhci bus (3), at vhci port 0.

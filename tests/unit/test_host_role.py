@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
-import subprocess
 import sys
 
 import pytest
 import yaml
 
-from tests.lib.modrun import REPO, collection_root
+from tests.lib.playbook import REPO, ansible_playbook
 
 PLAYBOOK = os.path.join(REPO, "playbooks", "enable_host.yml")
 STANDIN = os.path.join(REPO, "tests", "lib", "kubectl_standin.py")
-RECAP = re.compile(r"^(?P<host>\S+)\s+: ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)", re.M)
 
 # Comments, blank lines, indentation, a nested disable_usb and a commented one, trailing blanks, a
 # tab, non-ASCII text and CRLF on one line: everything but the top-level disable_usb line must stay.
@@ -86,23 +83,9 @@ class Fleet:
             hostvars[host].update(variables)
         inventory = self.tmp / "inventory.yml"
         inventory.write_text(yaml.safe_dump({"all": {"hosts": hostvars}}))
-        command = [os.path.join(os.path.dirname(sys.executable), "ansible-playbook"), "-i", str(inventory), PLAYBOOK]
-        command += ["--check"] * check + ["--diff"] * diff
-        env = dict(
-            os.environ,
-            PATH="%s:%s" % (self.bin, os.environ["PATH"]),
-            KUBECTL_STANDIN_DIR=str(self.kube),
-            ANSIBLE_COLLECTIONS_PATH=collection_root(),
-            ANSIBLE_NOCOLOR="1",
-            ANSIBLE_STDOUT_CALLBACK="ansible.builtin.default",
-            ANSIBLE_LOCALHOST_WARNING="0",
-            ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
-        )
-        process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
-        process.recap = {}
-        for match in RECAP.finditer(process.stdout):
-            process.recap[match.group("host")] = dict((key, int(value)) for key, value in match.groupdict().items() if key != "host")
-        return process
+        options = ["--check"] * check + ["--diff"] * diff
+        env = {"PATH": "%s:%s" % (self.bin, os.environ["PATH"]), "KUBECTL_STANDIN_DIR": str(self.kube)}
+        return ansible_playbook(inventory, PLAYBOOK, *options, env=env, timeout=600)
 
 
 @pytest.fixture

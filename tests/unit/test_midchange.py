@@ -20,8 +20,9 @@ from __future__ import annotations
 import pytest
 
 from tests.lib import midchange, usbtree
-from tests.unit.passthrough_support import KINGSTON_ID, attach, hostdev, hostdevs, intent, metadata
-from tests.unit.trees import KINGSTON, REFERENCE
+from tests.lib.domain_xml import hostdev, hostdevs, intent, metadata
+from tests.lib.modrun import attach
+from tests.lib.trees import KINGSTON, KINGSTON_ID, REFERENCE
 
 KINGSTON_HOSTDEV = hostdev("0951", "1666")
 KINGSTON_INTENT = intent((KINGSTON_ID, {"vendor_id": "0951", "product_id": "1666"}))

@@ -12,19 +12,13 @@ import re
 import subprocess
 
 import pytest
-import yaml
 
-from tests.lib.modrun import REPO, run_playbook
-from tests.unit.passthrough_support import (
-    KINGSTON_ID,
-    TWINS,
-    Domains,
-    attach,
-    hostdev,
-    hostdevs,
-)
+from tests.lib.domain_xml import hostdev, hostdevs
+from tests.lib.domains import Domains
+from tests.lib.modrun import REPO, attach, run_playbook
+from tests.lib.playbook import shown
+from tests.lib.trees import KINGSTON_ID, TWINS
 
-RECAP = re.compile(r"^kvm1\s+: ok=\d+\s+changed=(?P<changed>\d+)\s+unreachable=\d+\s+failed=(?P<failed>\d+)", re.M)
 CHROMIUM = [
     "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
@@ -34,18 +28,11 @@ CHROMIUM = [
 def playbook(tmp_path, name, declared, *options, devices=TWINS):
     path = os.path.join(REPO, "playbooks", name + ".yml")
     process = run_playbook(tmp_path, {"kvm1": {"usb_passthrough": declared}}, path, *options, devices=devices)
-    recap = RECAP.search(process.stdout)
+    recap = process.recap.get("kvm1")
     assert recap, process.stdout + process.stderr
-    process.changed = int(recap.group("changed"))
-    process.failed = int(recap.group("failed"))
+    process.changed = recap["changed"]
+    process.failed = recap["failed"]
     return process
-
-
-def shown(process, task):
-    """The msg a debug task printed, parsed."""
-    block = process.stdout.split("TASK [%s]" % task, 1)[1]
-    body = block.split("=> ", 1)[1].split("\n\n", 1)[0]
-    return yaml.safe_load(body)["msg"]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 from tests.lib.domains import URI, undefine
 from tests.lib.modrun import collection_root, run_module
-from tests.unit.trees import REFERENCE, hid
+from tests.lib.trees import REFERENCE, hid
 
 # The pure parts (planning, restart, the QEMU check with stand-ins) are tested in this process.
 sys.path.insert(0, collection_root())
@@ -46,13 +46,6 @@ KEYBOARD = hid("1-2", 3, serial="kbd", vendor_id="046d", product_id="c31c", spee
 
 def usb_address(port, bus=0):
     return "<address type='usb' bus='%d' port='%s'/>" % (bus, port)
-
-
-def quiet(ctx, error):
-    return None
-
-
-libvirt.registerErrorHandler(quiet, None)
 
 
 class Domains:

@@ -13,25 +13,11 @@ import threading
 import libvirt
 import pytest
 
-from tests.lib.domains import URI
-from tests.unit.passthrough_support import (
-    KINGSTON_ID,
-    NAMESPACE,
-    TWINS,
-    Domains,
-    attach,
-    failed,
-    hostdev,
-    hostdevs,
-    intent,
-    metadata,
-    mounted_stick,
-    root_devno,
-    source_xml,
-    wait_for_lock_waiter,
-    without_library,
-)
-from tests.unit.trees import KINGSTON, REFERENCE, hid, hub
+from tests.lib.domain_xml import NAMESPACE, hostdev, hostdevs, intent, metadata, source_xml
+from tests.lib.domains import URI, Domains
+from tests.lib.hostlock import wait_for_lock_waiter
+from tests.lib.modrun import attach, failed, without_library
+from tests.lib.trees import KINGSTON, KINGSTON_ID, REFERENCE, TWINS, hid, hub, mounted_stick, root_devno
 
 KINGSTON_SELECTOR = {"vendor_id": "0951", "product_id": "1666"}
 KINGSTON_HOSTDEV = hostdev("0951", "1666")

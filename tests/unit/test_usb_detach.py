@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.passthrough_support import (
-    KINGSTON_ID,
-    TWINS,
-    attach,
-    detach,
-    failed,
-    hostdev,
-    hostdevs,
-    intent,
-    metadata,
-    source_xml,
-    without_library,
-)
-from tests.unit.trees import KINGSTON, REFERENCE
+from tests.lib.domain_xml import hostdev, hostdevs, intent, metadata, source_xml
+from tests.lib.modrun import attach, detach, failed, without_library
+from tests.lib.trees import KINGSTON, KINGSTON_ID, REFERENCE, TWINS
 
 
 def attached(domains, suffix, selectors, tree=tuple(REFERENCE)):

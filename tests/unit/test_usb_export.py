@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from tests.lib.modrun import run_module
-from tests.unit.passthrough_support import KINGSTON_ID, TWINS, attach, failed
+from tests.lib.modrun import attach, failed, run_module
+from tests.lib.trees import KINGSTON_ID, TWINS
 
 TABLET = "0627:0001:42"
 EXPORT = {"id": KINGSTON_ID, "importer": "kvm2", "importer_address": "10.77.0.2", "domain": "buildvm"}

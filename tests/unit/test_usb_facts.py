@@ -9,9 +9,10 @@ import tempfile
 import pytest
 
 from tests.lib import domains
+from tests.lib.domain_xml import source_xml
 from tests.lib.modrun import run_module
+from tests.lib.trees import KINGSTON, REFERENCE, TABLET, hid, hub
 from tests.lib.usbtree import root_hub
-from tests.unit.trees import KINGSTON, REFERENCE, TABLET, hid, hub
 
 NO_HOST_CONF = {"host_conf": "/nonexistent/host.conf"}
 
@@ -276,8 +277,8 @@ def test_no_usb_at_all_gives_empty_lists():
 def test_attachments_from_persistent_configs_of_real_domains():
     tree = [root_hub(1), root_hub(2, usb3=True), TABLET, KINGSTON, hid("1-2", 3, serial="OTHER")]
     specs = {
-        "kvmhost-usb-test-facts-a": [domains.usb_hostdev_xml("0951", "1666")],
-        "kvmhost-usb-test-facts-b": [domains.usb_hostdev_xml(bus=1, device=2)],
+        "kvmhost-usb-test-facts-a": [source_xml("0951", "1666")],
+        "kvmhost-usb-test-facts-b": [source_xml(bus=1, device=2)],
         "kvmhost-usb-test-facts-c": [],
     }
     with domains.defined_domains(specs):
@@ -290,7 +291,7 @@ def test_attachments_from_persistent_configs_of_real_domains():
 def test_hostdev_with_stale_address_designates_no_device():
     # Device 2 on bus 1 replugged as device 7: a hostdev pinned to 001:002 no longer holds it.
     tree = [root_hub(1), hid("1-1", 7, serial="X")]
-    with domains.defined_domains({"kvmhost-usb-test-facts-stale": [domains.usb_hostdev_xml("0627", "0001", bus=1, device=2)]}):
+    with domains.defined_domains({"kvmhost-usb-test-facts-stale": [source_xml("0627", "0001", bus=1, device=2)]}):
         device = facts(tree)["usb_devices"][0]
     assert device["attached_to"] == {"live": [], "persistent": []}
 
@@ -338,7 +339,7 @@ def test_domains_with_hostdevs_intent_and_stale_addresses():
     # named by vendor:product; the intent of the first domain names the tablet.
     tree = [root_hub(1), root_hub(2, usb3=True), hid("1-1", 7, serial="42"), KINGSTON]
     specs = {
-        "kvmhost-usb-test-facts-dom-a": [domains.usb_hostdev_xml("0627", "0001", bus=1, device=2), domains.usb_hostdev_xml("0951", "1666")],
+        "kvmhost-usb-test-facts-dom-a": [source_xml("0627", "0001", bus=1, device=2), source_xml("0951", "1666")],
         "kvmhost-usb-test-facts-dom-b": [],
     }
     with domains.defined_domains(specs) as conn:
@@ -386,8 +387,8 @@ def test_declared_devices_attached_missing_or_stale():
     # dom-b declares the tablet that was replugged as device 7 while its hostdev names 001:002 (stale).
     tree = [root_hub(1), root_hub(2, usb3=True), hid("1-1", 7, serial="42"), KINGSTON]
     specs = {
-        "kvmhost-usb-test-facts-status-a": [domains.usb_hostdev_xml("0951", "1666")],
-        "kvmhost-usb-test-facts-status-b": [domains.usb_hostdev_xml("0627", "0001", bus=1, device=2)],
+        "kvmhost-usb-test-facts-status-a": [source_xml("0951", "1666")],
+        "kvmhost-usb-test-facts-status-b": [source_xml("0627", "0001", bus=1, device=2)],
     }
     intents = {
         "kvmhost-usb-test-facts-status-a": '<device id="0951:1666:E0D55EA5741AF160B9740A81"><selector vendor_id="0951" product_id="1666"/></device>'

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.lib.modrun import run_module
-from tests.unit.passthrough_support import KINGSTON_ID, TWINS, attach, failed, hostdev, hostdevs, intent, metadata
-from tests.unit.trees import KINGSTON, REFERENCE, hid
+from tests.lib.domain_xml import hostdev, hostdevs, intent, metadata
+from tests.lib.modrun import attach, failed, run_module
+from tests.lib.trees import KINGSTON, KINGSTON_ID, REFERENCE, TWINS, hid
 
 STICK = KINGSTON_ID
 TABLET = "0627:0001:42"

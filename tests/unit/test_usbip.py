@@ -12,7 +12,7 @@ import struct
 
 import pytest
 
-from tests.unit.usbip_support import STICK, _usbip, fake_sysfs, serving
+from tests.lib.usbip_exporter import STICK, _usbip, fake_sysfs, serving
 
 
 def spec_bytes(device):

@@ -37,6 +37,7 @@ TABLET = {
 
 # The example of the reference's documentation: lsusb showed exactly these four.
 REFERENCE = [root_hub(1), TABLET, root_hub(2, usb3=True), KINGSTON]
+KINGSTON_ID = "0951:1666:E0D55EA5741AF160B9740A81"
 
 
 def hid(port, devnum, serial=None, **extra):
@@ -60,3 +61,26 @@ def hub(port, devnum):
         "device_class": "09",
         "interfaces": [("09", "hub")],
     }
+
+
+# Two identical tablets (same vendor:product), told apart by serial and by port.
+TWINS = tuple(REFERENCE) + (hid("1-2", 3, serial="43"),)
+# The twins after the tablet with serial 42 was replugged: device 2 became device 7.
+REPLUGGED = REFERENCE[:1] + [hid("1-1", 7, serial="42")] + REFERENCE[2:] + [hid("1-2", 3, serial="43")]
+
+
+def root_devno():
+    """major:minor of the host's root filesystem, from the real mount table."""
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            fields = line.split()
+            if fields[4] == "/":
+                return fields[2]
+    raise AssertionError("no root mount in /proc/self/mountinfo")
+
+
+def mounted_stick(**extra):
+    """The Kingston stick with a partition that is the host's root filesystem (same major:minor)."""
+    stick = dict(KINGSTON, block=[("sdz", "8:240"), ("sdz1", root_devno())])
+    stick.update(extra)
+    return stick
