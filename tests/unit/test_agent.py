@@ -9,16 +9,11 @@ device) runs on the test host: tests/integration/test_agent_testhost.py.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
 
-import yaml
-
-from tests.lib.agentrun import AGENT, agent_pass, ours
+from tests.lib.agentrun import agent_pass, ours
 from tests.lib.domain_xml import hostdev, hostdevs, intent, metadata, source_xml
-from tests.lib.modrun import REPO, attach, collection_root
+from tests.lib.modrun import attach, collection_root
 from tests.lib.trees import KINGSTON, KINGSTON_ID, REFERENCE, REPLUGGED, TWINS, hid
 
 # The debounce is tested in this process.
@@ -123,25 +118,6 @@ def test_a_remote_device_is_imported_first_and_keeps_where_it_comes_from(domains
         "cannot import %s from kvm1 (10.77.0.1) for %s: The kernel module vhci-hcd is not loaded (modprobe vhci-hcd); retrying" % (REMOTE_STICK, name)
     ]
     assert domains.inactive(name) == before
-
-
-def test_the_files_the_role_installs_are_all_the_agent_imports(tmp_path):
-    # The role copies a list of module_utils files to the host; the agent must start from those alone.
-    with open(os.path.join(REPO, "roles", "passthrough", "tasks", "agent.yml")) as handle:
-        tasks = yaml.safe_load(handle)
-    with open(os.path.join(REPO, "roles", "passthrough", "vars", "main.yml")) as handle:
-        packages = yaml.safe_load(handle)["usb_passthrough_agent_packages"]
-    [copy] = [task for task in tasks if task["name"] == "Copy the collection's module_utils the agent runs"]
-    for package in packages:
-        (tmp_path / package).mkdir(parents=True, exist_ok=True)
-        (tmp_path / package / "__init__.py").write_text("")
-    for name in copy["loop"]:
-        shutil.copy(os.path.join(REPO, "plugins", "module_utils", name), tmp_path / packages[-1] / name)
-    process = subprocess.run(
-        [sys.executable, "-I", "-c", "import sys; sys.path.insert(0, %r); import %s" % (str(tmp_path), AGENT)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )
-    assert process.returncode == 0, process.stderr
 
 
 def test_debounce_acts_at_once_on_an_event_after_a_quiet_moment():
