@@ -9,7 +9,7 @@ COLLECTIONS := build/collections
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/$(COLLECTIONS)
 
-.PHONY: all setup libvirtd libvirtd-stop collection-link demo test unit sanity lint docs docs-site publish matrix build testhost-image integration integration-crosshost molecule benchmark benchmark-crosshost benchmark-replug soak clean
+.PHONY: all setup libvirtd libvirtd-stop collection-link demo test unit sanity lint docs docs-site publish matrix build testhost-image integration integration-crosshost molecule benchmark benchmark-converge benchmark-crosshost benchmark-replug soak clean
 
 # The ansible-core releases besides the project venv's (2.19) that meta/runtime.yml admits (>=2.16) and that
 # run on Python 3.11: `make matrix` runs sanity and the tests that depend on ansible-core on each of them.
@@ -98,6 +98,12 @@ molecule: setup testhost-image
 benchmark: setup
 	$(PY) benchmarks/usb_facts_enumeration.py
 	$(PY) benchmarks/converge_guests.py
+
+# What a converge costs on the test host (first, no-op, swap; with the linked pair, cross-host), this checkout against
+# the commit before the host runtime, in one run (about 15 minutes; BENCH_CONVERGE_ARGS=--baseline none skips the baseline).
+BENCH_CONVERGE_ARGS ?= --pair
+benchmark-converge: setup testhost-image
+	$(PY) benchmarks/converge_runtime.py $(BENCH_CONVERGE_ARGS)
 
 # Two linked test hosts: replug latency across hosts against a host-local replug, bulk read through USB/IP.
 benchmark-crosshost: setup testhost-image
