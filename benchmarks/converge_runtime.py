@@ -71,7 +71,8 @@ def baseline_collections(ref: str, directory: str) -> str:
 def converge(inventory: str, collections: str) -> tuple[float, dict, subprocess.CompletedProcess]:
     env = dict(TESTHOST_ENVIRONMENT, ANSIBLE_COLLECTIONS_PATH=collections)
     started = time.monotonic()
-    process = ansible_playbook(inventory, os.path.join(REPO, "playbooks", "converge.yml"), env=env)
+    playbook = os.path.join(collections, "ansible_collections", "kvmhost", "usb", "playbooks", "converge.yml")
+    process = ansible_playbook(inventory, playbook, env=env)
     seconds = time.monotonic() - started
     if process.returncode != 0:
         raise SystemExit("converge.yml failed:\n%s" % process.stdout[-3000:])

@@ -33,7 +33,7 @@ def tool(name):
 
 def environment(extra=None):
     """The environment of an Ansible command: this checkout's collection, plain output, ``extra`` on top."""
-    return dict(
+    env = dict(
         os.environ,
         ANSIBLE_COLLECTIONS_PATH=collection_root(),
         ANSIBLE_NOCOLOR="1",
@@ -42,8 +42,9 @@ def environment(extra=None):
         ANSIBLE_RETRY_FILES_ENABLED="0",
         ANSIBLE_LOCALHOST_WARNING="0",
         ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
-        **(extra or {}),
     )
+    env.update(extra or {})
+    return env
 
 
 def ansible_playbook(inventory, playbook, *options, env=None, wrapper=(), timeout=1800, cwd=None):
