@@ -49,9 +49,13 @@ import xml.etree.ElementTree as ET
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from tests.lib.modrun import collection_root  # noqa: E402
+
+sys.path.insert(0, collection_root())
+
 import libvirt  # noqa: E402
 
-from plugins.module_utils import _usb  # noqa: E402
+from ansible_collections.kvmhost.usb.plugins.module_utils import _usb  # noqa: E402
 from tests.lib import bigtree, domains, libvirtd, usbtree  # noqa: E402
 from tests.lib.playbook import ansible_playbook  # noqa: E402
 

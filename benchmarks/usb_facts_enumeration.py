@@ -39,6 +39,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from tests.lib.modrun import collection_root  # noqa: E402
+
+sys.path.insert(0, collection_root())
+
 from tests.lib import bigtree, usbtree  # noqa: E402
 
 AIM_FLOOR = 1.5
@@ -60,7 +64,7 @@ def tree_text(devices):
 
 
 def ours():
-    from plugins.module_utils import _usb
+    from ansible_collections.kvmhost.usb.plugins.module_utils import _usb
 
     return _usb.enumerate_devices()
 
@@ -182,7 +186,7 @@ def measure(methods, rounds, warmup=2):
 
 def lsusb_coverage(parsed, devices, floor_by_name, stderr):
     """What lsusb -v could read, compared with ours field by field, and what it could not."""
-    from plugins.module_utils import _usb
+    from ansible_collections.kvmhost.usb.plugins.module_utils import _usb
 
     def raw(device, name):
         value = (floor_by_name.get(device["port"]) or {}).get(name)
@@ -234,7 +238,7 @@ def lsusb_coverage(parsed, devices, floor_by_name, stderr):
 
 
 def inner(args):
-    from plugins.module_utils import _usb  # noqa: F401  (imported before timing)
+    from ansible_collections.kvmhost.usb.plugins.module_utils import _usb  # noqa: F401  (imported before timing)
 
     methods = {"ours": ours, "floor": floor, "udev scan": udev_scan_alone}
     have_lsusb = shutil.which("lsusb") is not None

@@ -12,6 +12,7 @@ description:
     C(host) naming this host, one export each, as M(kvmhost.usb.usb_export) takes them. The declared state of the
     fleet stays one inventory; the R(kvmhost.usb.passthrough,ansible_collections.kvmhost.usb.passthrough_role) role calls it.
   - An importer's address is its C(usb_link_address), else its C(ansible_host), else its inventory name.
+  - Fails when a host's C(usb_passthrough) is malformed, with the message the modules give.
   - Also returns the conflicts of the whole declaration, each a sentence naming the hosts and domains involved
     - a device exported and also declared for a domain of its own host, and a device declared by two importers
     (or two domains). They are the fleet's, not only this host's, so that every host can refuse to change anything.
@@ -54,34 +55,44 @@ _value:
       description: What contradicts itself, one sentence each; empty when nothing does.
       type: list
       elements: str
+    link_address:
+      description: The address O(host) is reached at by the others, where its exporter listens.
+      type: str
+    import_addresses:
+      description: The link addresses of the hosts O(host) imports devices from.
+      type: list
+      elements: str
 """
 
 from ansible.errors import AnsibleFilterError
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import PassthroughError, SelectorError
 from ansible_collections.kvmhost.usb.plugins.plugin_utils._inventory_hosts import link_address
 
 
 def _declared(hostvars, host):
+    """The host's usb_passthrough as it is written, once its shape is checked (``_declaration``, as the modules check it)."""
     try:
         declared = hostvars[host].get("usb_passthrough") or {}
     except KeyError:
         return {}
-    if not isinstance(declared, dict):
-        raise AnsibleFilterError("usb_exports: usb_passthrough of %s must map domain names to settings, got %r" % (host, declared))
+    try:
+        _declaration.normalize_declaration(declared)
+    except PassthroughError as error:
+        raise AnsibleFilterError("usb_exports: usb_passthrough of %s: %s" % (host, error))
     return declared
 
 
 def _selectors(settings):
-    devices = settings.get("devices") if isinstance(settings, dict) else None
-    return devices if isinstance(devices, list) else []
+    return (settings or {}).get("devices") or []
 
 
 def _device_key(selector):
     """The selector's device fields, normalised, to compare two declarations of one device."""
     try:
-        return tuple(sorted(_usb.device_fields(_usb.normalize_selector(selector)).items()))
-    except _usb.SelectorError as error:
+        return tuple(sorted(_declaration.device_fields(_declaration.normalize_selector(selector)).items()))
+    except SelectorError as error:
         raise AnsibleFilterError("usb_exports: %s" % error)
 
 
@@ -96,12 +107,12 @@ def _exports_of(hostvars, host, hosts):
             for selector in _selectors(settings):
                 if not isinstance(selector, dict) or str(selector.get("host") or "") != host:
                     continue
-                fields = dict((key, value) for key, value in selector.items() if key not in _usb.REMOTE_FIELDS)
+                fields = dict((key, value) for key, value in selector.items() if key not in _declaration.REMOTE_FIELDS)
                 key = _device_key(fields)
                 if key in owners:
                     conflicts.append(
                         "Device (%s) on %s is declared for %s on %s and for %s on %s; one device goes to one VM."
-                        % (_usb.describe_selector(dict(key)), host, owners[key][1], owners[key][0], domain, importer)
+                        % (_declaration.describe_selector(dict(key)), host, owners[key][1], owners[key][0], domain, importer)
                     )
                     continue
                 owners[key] = (importer, domain)
@@ -114,19 +125,41 @@ def _exports_of(hostvars, host, hosts):
             if key in owners:
                 conflicts.append(
                     "Device (%s) on %s is declared for its domain %s and exported to %s for %s; one device goes to one VM."
-                    % (_usb.describe_selector(dict(key)), host, domain, owners[key][0], owners[key][1])
+                    % (_declaration.describe_selector(dict(key)), host, domain, owners[key][0], owners[key][1])
                 )
     return exports, conflicts
 
 
+def _import_addresses(hostvars, host):
+    """The link addresses of the hosts ``host`` imports devices from (its selectors with ``host``, or with
+    ``link_address``)."""
+    addresses = []
+    for _domain, settings in sorted(_declared(hostvars, host).items()):
+        for selector in _selectors(settings):
+            if not isinstance(selector, dict):
+                continue
+            if selector.get("link_address"):
+                address = str(selector["link_address"])
+            elif selector.get("host") and str(selector["host"]) != host:
+                exporter = str(selector["host"])
+                address = link_address(hostvars, exporter) if exporter in hostvars else exporter
+            else:
+                continue
+            if address not in addresses:
+                addresses.append(address)
+    return addresses
+
+
 def usb_exports(hostvars, host, hosts):
     """The exports of ``host``, and the conflicts of every host of ``hosts``: a declaration that contradicts itself
-    anywhere in the fleet stops every host before anything changes, not only the exporting one."""
+    anywhere in the fleet stops every host before anything changes, not only the exporting one. Also where ``host`` is
+    reached (its exporter listens there) and the addresses of the hosts it imports from, resolved as the action plugins
+    resolve them."""
     exports, conflicts = _exports_of(hostvars, host, hosts)
     for other in hosts:
         if other != host:
             conflicts.extend(_exports_of(hostvars, other, hosts)[1])
-    return {"exports": exports, "conflicts": conflicts}
+    return {"exports": exports, "conflicts": conflicts, "link_address": link_address(hostvars, host), "import_addresses": _import_addresses(hostvars, host)}
 
 
 class FilterModule:

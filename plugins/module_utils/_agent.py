@@ -14,7 +14,7 @@ declaration, on the one host model ``_host.HostModel``), and carries the plan ou
   (``startupPolicy='optional'``) hostdev kept, so the domain still starts and gets it back later.
 
 A device another KVM host exports to this one (an intent entry with ``host`` and ``link_address``) is imported over
-USB/IP first (``Importer``, ``_usbip.ensure_import``), so that it is a local device when the domain is planned; while
+USB/IP first (``_crosshost.Imports``), so that it is a local device when the domain is planned; while
 the import fails (the exporting host, its exporter or the link down) passes come sooner, with backoff, and the failure
 is logged once; an import lost (the device replugged over there, the connection broken) is logged and made again.
 
@@ -39,7 +39,8 @@ import time
 
 from dataclasses import dataclass
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _host, _libvirt, _passthrough, _usb, _usbip
+from ansible_collections.kvmhost.usb.plugins.module_utils import _crosshost, _host, _libvirt, _lock, _passthrough, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import LibvirtError, PassthroughError
 
 LIVE = _host.LIVE
 PERSISTENT = _host.PERSISTENT
@@ -72,7 +73,7 @@ def declares(domain):
 
 
 def _live_holders(model, device, domain):
-    return [holder.name for holder, scopes in model.holders(device, exclude=domain) if LIVE in scopes]
+    return [holder.name for holder, scopes in model.claimants(device, exclude=domain) if LIVE in scopes]
 
 
 def plan_domain(planner, domain):
@@ -111,92 +112,21 @@ def _actions(steps, device_id):
 IMPORT_TIMEOUT = 20.0
 
 
-def remote_entries(model):
-    """``[(domain, entry)]`` of the intent entries of devices another host exports to this one, one per device."""
-    found = []
-    for domain in model.domains:
-        for config in domain.configs.values():
-            for entry in config.intent:
-                if entry.get("link_address") and all(entry["id"] != other["id"] for _domain, other in found):
-                    found.append((domain, entry))
-    return found
-
-
-class Importer:
-    """Keeps the devices of remote intent entries imported over USB/IP (``_usbip.ensure_import``). It remembers
-    them between passes, so that a lost import and a failing one are each reported once."""
-
-    def __init__(self, timeout=IMPORT_TIMEOUT):
-        self.timeout = timeout
-        self.held = {}
-        self.failing = {}
-
-    @property
-    def pending(self):
-        return bool(self.failing)
-
-    def run(self, model, check_mode=False):
-        """``(lines, imported)``: the lines to log, and whether a device was imported (the host must be read again)."""
-        lines = []
-        imported = False
-        try:
-            current = dict(((record["link_address"], record.get("id")), record) for record in _usbip.imports())
-        except _usbip.UsbipError:
-            current = {}  # vhci-hcd not loaded: each import below says so
-        wanted = remote_entries(model)
-        for key, record in sorted(self.held.items()):
-            if key not in current and any((entry["link_address"], entry["id"]) == key for _domain, entry in wanted):
-                lines.append("lost %s imported from %s (vhci port %d); importing it again" % (key[1], _source(record), record["vhci_port"]))
-        self.held = {}
-        for domain, entry in wanted:
-            key = (entry["link_address"], entry["id"])
-            source = _source(entry)
-            if key in current:
-                self.held[key] = current[key]
-                continue
-            if check_mode:
-                lines.append("would import %s from %s for %s" % (entry["id"], source, domain.name))
-                continue
-            selector = dict(entry.get("selector") or {}) or {"id": entry["id"]}
-            try:
-                record = _usbip.ensure_import(
-                    entry.get("host"), entry["link_address"], selector, timeout=self.timeout, port=_usbip.port_of(entry.get("link_port"))
-                )
-            except _usbip.UsbipError as error:
-                message = "cannot import %s from %s for %s: %s; retrying" % (entry["id"], source, domain.name, error)
-                if self.failing.get(key) != message:
-                    lines.append(message)
-                self.failing[key] = message
-                continue
-            self.failing.pop(key, None)
-            self.held[key] = record
-            imported = True
-            where = "vhci port %d, local port %s" % (record["vhci_port"], record.get("local_port"))
-            lines.append("imported %s from %s for %s (%s)" % (entry["id"], source, domain.name, where))
-        for key in list(self.failing):
-            if key not in [(entry["link_address"], entry["id"]) for _domain, entry in wanted]:
-                del self.failing[key]
-        return lines, imported
-
-
-def _source(item):
-    host = item.get("host")
-    return "%s (%s)" % (host, item["link_address"]) if host else item["link_address"]
-
-
 def reconcile(conn, uri="qemu:///system", check_mode=False, importer=None):
     """One pass over every declared domain; the lines to log, one per action (or refusal).
 
-    Devices another host exports to this one are imported first (``Importer``); then each domain is planned and
-    carried out on its own, so a domain libvirt refuses does not hold up the others."""
+    Devices another host exports to this one are imported first (``importer``, a ``_crosshost.Imports`` the agent keeps
+    across passes); then each domain is planned and carried out on its own, so a domain libvirt refuses does not hold
+    up the others."""
     planner = _passthrough.Planner(conn, uri, check_mode)
     lines = []
-    with _passthrough.maybe_lock(check_mode):
+    with _lock.maybe_lock(check_mode):
         planner.enumerate()
         planner.load_domains()
-        if remote_entries(planner.model) or (importer is not None and importer.held):
-            importer = importer if importer is not None else Importer()
-            imported_lines, imported = importer.run(planner.model, check_mode)
+        if _crosshost.remote_entries(planner.model) or (importer is not None and importer.records):
+            importer = importer if importer is not None else _crosshost.Imports(check_mode, IMPORT_TIMEOUT)
+            planner.imports = importer
+            imported_lines, imported = importer.keep(planner.model)
             lines.extend(imported_lines)
             if imported:
                 planner.enumerate()
@@ -212,7 +142,7 @@ def reconcile(conn, uri="qemu:///system", check_mode=False, importer=None):
                 continue
             try:
                 planner.execute()
-            except _passthrough.PassthroughError as error:
+            except PassthroughError as error:
                 lines.append("failed to converge %s: %s" % (domain.name, error))
                 continue
             finally:
@@ -287,7 +217,7 @@ class Agent:
         self.retries = 0
         self.lost = None
         self.down_since = None
-        self.importer = Importer()
+        self.importer = _crosshost.Imports(timeout=IMPORT_TIMEOUT)
         self.import_retry = None
         self.import_retries = 0
 
@@ -396,7 +326,7 @@ class Agent:
                 return
         try:
             lines = reconcile(self.conn, self.uri, importer=self.importer)
-        except (_libvirt.libvirt.libvirtError, _passthrough.PassthroughError, OSError) as error:
+        except (_libvirt.libvirt.libvirtError, PassthroughError, OSError) as error:
             message = _libvirt.error_message(error) if isinstance(error, _libvirt.libvirt.libvirtError) else str(error)
             if not self.alive():
                 # The pass that follows the reconnect does what this one could not.
@@ -469,13 +399,13 @@ def main(argv=None):
     if args.once:
         try:
             conn = _libvirt.connect(args.uri)
-        except _libvirt.LibvirtError as error:
+        except LibvirtError as error:
             sys.stderr.write("%s\n" % error)
             return 1
         try:
             for line in reconcile(conn, args.uri, check_mode=args.check):
                 sys.stdout.write(line + "\n")
-        except (_passthrough.PassthroughError, _libvirt.libvirt.libvirtError) as error:
+        except (PassthroughError, _libvirt.libvirt.libvirtError) as error:
             sys.stderr.write("%s\n" % error)
             return 1
         finally:

@@ -24,7 +24,8 @@ import xml.etree.ElementTree as ET
 
 from dataclasses import dataclass, field
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _libvirt, _passthrough, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils import _libvirt, _lock, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import ControllerError
 
 LIBVIRT_QEMU_IMPORT_ERROR = None
 try:
@@ -85,14 +86,6 @@ POLL_SECONDS = 0.5
 # The domain's own <devices> as libvirt formats it: a child of <domain>, indented by two spaces.
 # (Other tools' metadata may hold a <devices> element too, deeper.)
 DEVICES = re.compile(r"^  <devices>$.*?^  </devices>$", re.DOTALL | re.MULTILINE)
-
-
-class ControllerError(Exception):
-    """The change cannot or could not be made; ``changed`` says whether something was changed before."""
-
-    def __init__(self, message, changed=False):
-        super().__init__(message)
-        self.changed = changed
 
 
 @dataclass
@@ -398,25 +391,26 @@ def _mbits(speed):
 def restart(domain, timeout, sleep=time.sleep, clock=time.monotonic):
     """Shut the domain down (forced off after ``timeout`` seconds) and start it; True when it was forced."""
     forced = False
-    try:
-        domain.shutdown()
-    except _libvirt.libvirt.libvirtError as error:
-        if error.get_error_code() != _libvirt.libvirt.VIR_ERR_OPERATION_INVALID:
-            raise
+    _unless_off(domain.shutdown)
     deadline = clock() + timeout
     while domain.isActive():
         if clock() >= deadline:
             forced = True
-            try:
-                domain.destroy()
-            except _libvirt.libvirt.libvirtError as error:
-                # It may have shut off between the check and the destroy.
-                if error.get_error_code() != _libvirt.libvirt.VIR_ERR_OPERATION_INVALID:
-                    raise
+            _unless_off(domain.destroy)
             break
         sleep(POLL_SECONDS)
     domain.create()
     return forced
+
+
+def _unless_off(stop):
+    """Shut down or destroy a domain; libvirt's refusal because it is off already (it may have shut off since it was
+    looked at) is no error."""
+    try:
+        stop()
+    except _libvirt.libvirt.libvirtError as error:
+        if error.get_error_code() != _libvirt.libvirt.VIR_ERR_OPERATION_INVALID:
+            raise
 
 
 def qemu_devices(domain):
@@ -471,7 +465,7 @@ def run(conn, domain_name, request, check_mode):
     if not domain.isPersistent():
         raise ControllerError("Domain %s is transient: it has no persistent definition whose USB controller could be changed" % domain_name)
     # One writer at a time per host: usb_attach changes the same definitions.
-    with _passthrough.maybe_lock(check_mode):
+    with _lock.maybe_lock(check_mode):
         # With secrets, so that the definition written back keeps graphics and other passwords.
         flags = _libvirt.libvirt.VIR_DOMAIN_XML_INACTIVE | _libvirt.libvirt.VIR_DOMAIN_XML_SECURE
         plan_ = plan(domain.XMLDesc(flags), request)

@@ -6,14 +6,21 @@ inventory, imported here over USB/IP (``_usbip``), and from then on a local USB 
 
 usb_attach, usb_detach and usb_passthrough import such devices before they plan (the planner then chooses the
 imported local device for the selector), and release an import no domain's intent claims any more. Check mode
-imports nothing: a device not imported yet is planned as a stand-in, and the import is reported as an action.
+imports nothing: a device not imported yet is planned as a stand-in, and the import is reported as an action. The
+reattach agent imports again what the domains' intent names, through the same ``Imports``: this file is the one place
+that tracks which import is a selector's.
 """
 
 from __future__ import annotations
 
 import os
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _usb, _usbip
+from typing import Any
+
+from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import SelectorError, UsbipError
+from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import importer, sysfs, table
+from ansible_collections.kvmhost.usb.plugins.module_utils._usbip.wire import USBIP_PORT, port_of
 
 # Tests keep the import records in a directory of their own; operators have no reason to.
 IMPORTS_DIR_ENV = "KVMHOST_USB_IMPORTS"
@@ -26,18 +33,18 @@ def imports_dir() -> str | None:
 def standing_imports() -> list[dict]:
     """This host's imports; none when USB/IP was never used here (vhci-hcd not loaded)."""
     try:
-        return _usbip.imports(directory=imports_dir())
-    except (OSError, _usbip.UsbipError):
+        return importer.imports(directory=imports_dir())
+    except (OSError, UsbipError):
         return []
 
 
 def exported_to(devices: list[dict]) -> dict:
     """``{device id: {host, domain, address}}`` for the devices of this host the exports table exports."""
     found = {}
-    for export in _usbip.read_exports().get("exports") or []:
+    for export in table.read_exports().get("exports") or []:
         try:
-            device = _usb.select_device(devices, _usb.normalize_selector(export.get("selector") or {}))
-        except _usb.SelectorError:
+            device = _usb.select_device(devices, _declaration.normalize_selector(export.get("selector") or {}))
+        except SelectorError:
             continue  # not plugged in: nothing to show
         found[device["id"]] = {"host": export.get("importer"), "domain": export.get("domain"), "address": export.get("importer_address")}
     return found
@@ -54,15 +61,15 @@ def imported_from(devices: list[dict]) -> dict:
 
 
 def selector_key(selector: dict) -> tuple:
-    return tuple(sorted(_usb.recorded_selector(selector).items()))
+    return tuple(sorted(_declaration.recorded_selector(selector).items()))
 
 
 def require_link_address(selector: dict) -> None:
     if not selector.get("link_address"):
-        raise _usb.SelectorError(
+        raise SelectorError(
             "Selector (%s) names host %s but no link_address. The modules get it from the inventory through their action"
             " plugin (usb_link_address or ansible_host of %s); ad hoc, give link_address too."
-            % (_usb.describe_selector(selector), selector["host"], selector["host"])
+            % (_declaration.describe_selector(selector), selector["host"], selector["host"])
         )
 
 
@@ -70,34 +77,14 @@ def describe(selector: dict) -> str:
     """``46f4:0001:KING0001 from kvm1 (10.77.0.1)``: a remote device as actions and errors name it (with the port when
     the exporter is not on 3240)."""
     where = selector.get("link_address") or "no link address"
-    if _usbip.port_of(selector.get("link_port")) != _usbip.USBIP_PORT:
+    if port_of(selector.get("link_port")) != USBIP_PORT:
         where = "%s:%s" % (where, selector["link_port"])
-    return "%s from %s (%s)" % (_usb.describe_selector(_usb.device_fields(selector)), selector["host"], where)
-
-
-def matching_import(records: list[dict], selector: dict) -> dict | None:
-    """The standing import of this host that the selector chose earlier: same host, and the device fields the
-    import record knows (its id) agree with the selector's."""
-    for record in records:
-        if record.get("host") != selector["host"]:
-            continue
-        device_id = record.get("id") or ""
-        if "id" in selector:
-            if device_id == selector["id"]:
-                return record
-            continue
-        vendor_product = "%s:%s" % (selector.get("vendor_id", device_id[0:4]), selector.get("product_id", device_id[5:9]))
-        if device_id[0:9] != vendor_product:
-            continue
-        if selector.get("serial") and device_id[10:] != _usb.encode_serial(selector["serial"]):
-            continue
-        return record
-    return None
+    return "%s from %s (%s)" % (_declaration.describe_selector(_declaration.device_fields(selector)), selector["host"], where)
 
 
 def stand_in(selector: dict) -> dict:
     """What check mode plans with for a device it has not imported: known only by the selector's fields."""
-    fields = _usb.device_fields(selector)
+    fields = _declaration.device_fields(selector)
     device_id = fields.get("id") or "%s:%s" % (fields.get("vendor_id", "????"), fields.get("product_id", "????"))
     return {
         "id": device_id,
@@ -109,24 +96,76 @@ def stand_in(selector: dict) -> dict:
     }
 
 
-class Imports:
-    """The imports one run needs: ``prepare`` imports every remote selector's device (check mode: finds the ones
-    standing), ``record(selector)`` is then its import record or None; ``actions`` are the imports made (or that
-    would be), ``released`` the imports released at the end."""
+def release_record(record: dict, give_back: bool = False) -> bool:
+    """Release the import of a record (``importer.release_import``); with ``give_back``, its exporter is told."""
+    return importer.release_import(
+        record["host"], record["link_address"], {"id": record["id"]}, port=port_of(record.get("port")), directory=imports_dir(), give_back=give_back
+    )
 
-    def __init__(self, check_mode: bool) -> None:
+
+def remote_selector(entry: dict) -> dict:
+    """The selector of an intent entry of a device imported from another host, with where that host is reached."""
+    selector = dict(entry.get("selector") or {"id": entry["id"]})
+    selector.update((key, entry[key]) for key in _declaration.REMOTE_FIELDS if entry.get(key))
+    return selector
+
+
+def remote_entries(model: Any) -> list[tuple[Any, dict]]:
+    """``[(domain, entry)]`` of the intent entries of devices another host exports to this one, one per device."""
+    found = []
+    for domain in model.domains:
+        for config in domain.configs.values():
+            for entry in config.intent:
+                if entry.get("link_address") and all(entry["id"] != other["id"] for _domain, other in found):
+                    found.append((domain, entry))
+    return found
+
+
+def source(item: dict) -> str:
+    """``kvm1 (10.77.0.1)``: where an import record or an intent entry came from, as the agent's journal says it."""
+    host = item.get("host")
+    return "%s (%s)" % (host, item["link_address"]) if host else item["link_address"]
+
+
+class Imports:
+    """This host's imports of the devices that selectors with ``host`` mean, one record a selector (``record``), each
+    found among the standing imports (``importer.find_import``), else made (``importer.ensure_import``).
+
+    A module run uses one for its selectors: ``prepare`` imports what they need (check mode: finds what stands),
+    ``actions`` are the imports made (or that would be), ``release`` and ``released`` the imports released at the end.
+    The agent keeps one across its passes for the remote entries of the domains' intent (``keep``), so that a lost
+    import and a failing one are each reported once."""
+
+    def __init__(self, check_mode: bool = False, timeout: float = 30.0) -> None:
         self.check_mode = check_mode
+        self.timeout = timeout
         self.records = {}
         self.actions = []
         self.released = []
         self.by_domain = {}
         self.made = []
         self.warnings = []
+        self.failing = {}
+
+    @property
+    def pending(self) -> bool:
+        """Whether an import of the agent's failed, so that its next pass should come sooner."""
+        return bool(self.failing)
+
+    def _import(self, selector: dict, device_selector: dict) -> dict:
+        return importer.ensure_import(
+            selector.get("host"),
+            selector["link_address"],
+            device_selector,
+            timeout=self.timeout,
+            port=port_of(selector.get("link_port")),
+            directory=imports_dir(),
+        )
 
     def prepare(self, selectors: list[tuple[str | None, dict]]) -> None:
         """Import the device of each ``(domain name, selector)`` with ``host`` unless it is imported already.
         Fails naming the domain and host; the imports this call made are released again first."""
-        remote = [(name, selector) for name, selector in selectors if _usb.is_remote(selector)]
+        remote = [(name, selector) for name, selector in selectors if _declaration.is_remote(selector)]
         if not remote:
             return
         standing = standing_imports()
@@ -135,26 +174,59 @@ class Imports:
             key = selector_key(selector)
             if key in self.records:
                 continue
-            record = matching_import(standing, selector)
+            record = importer.find_import(standing, selector)
             if record is None and self.check_mode:
                 self._act(name, "would import %s" % describe(selector))
             elif record is None:
                 try:
-                    _usbip.load_vhci()
-                    record = _usbip.ensure_import(
-                        selector["host"],
-                        selector["link_address"],
-                        _usb.device_fields(selector),
-                        port=_usbip.port_of(selector.get("link_port")),
-                        directory=imports_dir(),
-                    )
-                except _usbip.UsbipError as error:
+                    sysfs.load_vhci()
+                    record = self._import(selector, _declaration.device_fields(selector))
+                except UsbipError as error:
                     self.undo()
                     where = "Domain %s: c" % name if name else "C"
-                    raise _usb.SelectorError("%sannot import %s: %s" % (where, describe(selector), error))
+                    raise SelectorError("%sannot import %s: %s" % (where, describe(selector), error))
                 self.made.append(record)
                 self._act(name, "imported %s at vhci port %s" % (describe(selector), record.get("vhci_port")))
             self.records[key] = record
+
+    def keep(self, model: Any) -> tuple[list[str], bool]:
+        """The agent's pass: import again the devices the domains' intent names from other hosts that this host no
+        longer holds. ``(lines, imported)``: the lines to log, and whether a device was imported (the host must be read
+        again)."""
+        lines = []
+        imported = False
+        standing = standing_imports()
+        wanted = [(domain, entry, remote_selector(entry)) for domain, entry in remote_entries(model)]
+        held, self.records = self.records, {}
+        found = dict((selector_key(selector), importer.find_import(standing, selector)) for _domain, _entry, selector in wanted)
+        for domain, entry, selector in wanted:
+            key = selector_key(selector)
+            if found[key] is None and held.get(key) is not None:
+                lines.append("lost %s imported from %s (vhci port %d); importing it again" % (entry["id"], source(held[key]), held[key]["vhci_port"]))
+        for domain, entry, selector in wanted:
+            key = selector_key(selector)
+            record = found[key]
+            if record is None and self.check_mode:
+                lines.append("would import %s from %s for %s" % (entry["id"], source(entry), domain.name))
+                continue
+            if record is None:
+                try:
+                    record = self._import(selector, dict(entry.get("selector") or {}) or {"id": entry["id"]})
+                except UsbipError as error:
+                    message = "cannot import %s from %s for %s: %s; retrying" % (entry["id"], source(entry), domain.name, error)
+                    if self.failing.get(key) != message:
+                        lines.append(message)
+                    self.failing[key] = message
+                    continue
+                self.failing.pop(key, None)
+                imported = True
+                where = "vhci port %d, local port %s" % (record["vhci_port"], record.get("local_port"))
+                lines.append("imported %s from %s for %s (%s)" % (entry["id"], source(entry), domain.name, where))
+            self.records[key] = record
+        for key in list(self.failing):
+            if key not in found:
+                del self.failing[key]
+        return lines, imported
 
     def _act(self, name: str | None, action: str) -> None:
         self.actions.append(action)
@@ -163,10 +235,10 @@ class Imports:
 
     def find_standing(self, selectors: list[dict]) -> None:
         """Only look up the standing imports of the remote selectors (usb_detach imports nothing)."""
-        remote = [selector for selector in selectors if _usb.is_remote(selector)]
+        remote = [selector for selector in selectors if _declaration.is_remote(selector)]
         standing = standing_imports() if remote else []
         for selector in remote:
-            record = matching_import(standing, selector)
+            record = importer.find_import(standing, selector)
             if record is not None:
                 self.records[selector_key(selector)] = record
 
@@ -176,7 +248,7 @@ class Imports:
     def undo(self) -> None:
         """Release the imports this run made, when the run fails after making them."""
         for record in self.made:
-            _usbip.release_import(record["host"], record["link_address"], record["id"], directory=imports_dir())
+            release_record(record)
         self.made = []
 
     def release(self, records: list[dict]) -> None:
@@ -188,8 +260,8 @@ class Imports:
                 self.released.append("would release the import of %s" % what)
                 continue
             try:
-                released = _usbip.release_import(record["host"], record["link_address"], record["id"], directory=imports_dir(), give_back=True)
-            except _usbip.UsbipError as error:
+                released = release_record(record, give_back=True)
+            except UsbipError as error:
                 released = True
                 self.warnings.append(
                     "Released the import of %s, but %s still exports it until its next converge: %s" % (what, record.get("host"), error)
@@ -204,7 +276,7 @@ def local_device(devices: list[dict], record: dict, selector: dict) -> dict:
         found = [device for device in devices if wanted and device[field] == wanted]
         if len(found) == 1:
             return found[0]
-    raise _usb.SelectorError(
+    raise SelectorError(
         "%s is imported (vhci port %s) but is not a USB device of this host; see the journal of kvmhost-usb-agent"
         % (describe(selector), record.get("vhci_port"))
     )
@@ -216,7 +288,7 @@ def unclaimed(records: list[dict], devices: list[dict], claimed: list[dict]) -> 
     for record in records:
         try:
             device = local_device(devices, record, {"host": record.get("host"), "link_address": record.get("link_address"), "id": record.get("id")})
-        except _usb.SelectorError:
+        except SelectorError:
             device = None
         if not any(device is not None and item is device for item in claimed) and not any(
             item.get("absent") and item["id"] == record.get("id") for item in claimed

@@ -13,63 +13,21 @@ from __future__ import annotations
 
 import json
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _passthrough, _usb, _usbip
-
-EXPORT_FIELDS = ("importer", "importer_address", "domain")
-# Fields of a selector that mean the device is on another host: not a local device of this one.
-REMOTE_FIELDS = ("host", "link_address")
-
-
-class ExportError(_passthrough.PassthroughError):
-    """An export that must not be made; nothing was changed."""
+from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration, _host, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import ExportError, HostError, PassthroughError, SelectorError, UsbipError
+from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import table as exports_table
 
 
 def _label(item):
-    return "Export of (%s) for domain %s on %s" % (_usb.describe_selector(item["selector"]), item["domain"], item["importer"])
+    return "Export of (%s) for domain %s on %s" % (_declaration.describe_selector(item["selector"]), item["domain"], item["importer"])
 
 
-def normalize_exports(exports):
-    """``[{"selector", "importer", "importer_address", "domain"}]`` from the module's list; the first bad entry fails."""
-    if not isinstance(exports, list):
-        raise ExportError("exports must be a list, got %r" % (exports,))
-    normalized = []
-    for index, item in enumerate(exports):
-        if not isinstance(item, dict):
-            raise ExportError("exports[%d] must be a mapping of selector fields, %s; got %r" % (index, ", ".join(EXPORT_FIELDS), item))
-        missing = [field for field in EXPORT_FIELDS if not item.get(field)]
-        if missing:
-            raise ExportError("exports[%d] (%r) lacks %s" % (index, item, ", ".join(missing)))
-        unknown = sorted(set(item) - set(EXPORT_FIELDS) - set(_usb.SELECTOR_FIELDS))
-        if unknown:
-            raise ExportError("exports[%d]: unknown field(s) %s; accepted: %s" % (index, ", ".join(unknown), ", ".join(_usb.SELECTOR_FIELDS + EXPORT_FIELDS)))
-        selector = dict((field, item[field]) for field in _usb.SELECTOR_FIELDS if field in item)
-        try:
-            selector = _usb.normalize_selector(selector)
-        except _usb.SelectorError as error:
-            raise ExportError("exports[%d] for domain %s on %s: %s" % (index, item["domain"], item["importer"], error))
-        normalized.append(dict((field, str(item[field])) for field in EXPORT_FIELDS))
-        normalized[-1]["selector"] = selector
-    return normalized
-
-
-def local_declaration(domains):
-    """The host's own declaration without the devices it imports from other hosts."""
-    local = {}
-    for name, settings in (domains or {}).items():
-        settings = dict(settings or {})
-        devices = settings.get("devices") or []
-        if isinstance(devices, list):
-            settings["devices"] = [item for item in devices if not (isinstance(item, dict) and any(item.get(field) for field in REMOTE_FIELDS))]
-        local[name] = settings
-    return local
-
-
-def plan(planner, exports, local_domains):
-    """The exports table entries, each with its device; ExportError naming the first export that must not be made."""
-    model = planner.model
+def plan(model, exports, local_domains):
+    """The exports table entries, each with its device, checked against the host model; ExportError naming the first
+    export that must not be made."""
     try:
-        declared = _passthrough.normalize_declaration(local_declaration(local_domains))
-    except _passthrough.PassthroughError as error:
+        declared = _declaration.normalize_declaration(_declaration.local_declaration(local_domains))
+    except PassthroughError as error:
         raise ExportError("local_domains: %s" % error)
     declared_devices = []
     for name, settings in declared.items():
@@ -81,9 +39,9 @@ def plan(planner, exports, local_domains):
     for item in exports:
         try:
             device = _usb.select_device(model.devices, item["selector"])
-        except _usb.SelectorError as error:
+        except SelectorError as error:
             raise ExportError("%s: %s" % (_label(item), error))
-        holders = model.holders(device)
+        holders = model.claimants(device)
         if holders:
             held = ", ".join("%s (%s)" % (domain.name, ", ".join(scopes)) for domain, scopes in holders)
             raise ExportError("%s: %s is held by local domain %s on this host; detach it there first" % (_label(item), device["id"], held))
@@ -112,11 +70,12 @@ def plan(planner, exports, local_domains):
 
 def converge(conn, uri, exports, listen_address, port, local_domains, check_mode, path=None):
     """usb_export's result: the table written (unless check mode) when it differs; ExportError otherwise."""
-    items = normalize_exports(exports)
-    planner = _passthrough.Planner(conn, uri, check_mode)
-    planner.enumerate()
-    planner.load_domains()
-    entries = plan(planner, items, local_domains)
+    items = _declaration.normalize_exports(exports)
+    try:
+        model = _host.HostModel.read(conn, uri)
+    except HostError as error:
+        raise ExportError(str(error))
+    entries = plan(model, items, local_domains)
     table = {
         "listen": listen_address,
         "port": port,
@@ -125,15 +84,15 @@ def converge(conn, uri, exports, listen_address, port, local_domains, check_mode
             key=lambda entry: entry["id"],
         ),
     }
-    path = _usbip.exports_path(path)
+    path = exports_table.exports_path(path)
     try:
-        before = _usbip.read_exports(path)
-    except _usbip.UsbipError:
+        before = exports_table.read_exports(path)
+    except UsbipError:
         before = None
     changed = before != table
     if changed and not check_mode:
         try:
-            _usbip.write_exports(table, path)
+            exports_table.write_exports(table, path)
         except OSError as error:
             raise ExportError("Cannot write the exports table %s: %s" % (path, error))
     return {

@@ -6,7 +6,8 @@ from other hosts, and its domains. usb_facts returns it; ``kvmhost-usb status`` 
 
 from __future__ import annotations
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _crosshost, _host, _libvirt, _usb, _usbip
+from ansible_collections.kvmhost.usb.plugins.module_utils import _crosshost, _host, _libvirt, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import UsbipError
 
 
 def gather(uri: str, include_hubs: bool = False, filters: dict | None = None) -> dict:
@@ -30,7 +31,7 @@ def gather(uri: str, include_hubs: bool = False, filters: dict | None = None) ->
     listed = _usb.filter_devices(devices if include_hubs else model.candidates, filters or {})
     try:
         exported = _crosshost.exported_to(model.candidates)
-    except _usbip.UsbipError as error:
+    except UsbipError as error:
         warnings.append("Not reporting exports: %s" % error)
         exported = {}
     imported = _crosshost.imported_from(model.candidates)

@@ -5,19 +5,28 @@
 
 A model holds the host's USB devices and every domain's live and persistent configuration (its USB
 hostdevs and its passthrough intent). It answers, for everyone who asks (usb_facts, the planner of
-usb_passthrough/usb_attach/usb_detach, the drift report and the reattach agent):
+usb_passthrough/usb_attach/usb_detach, the drift report and the reattach agent), in these words and no others:
 
-* which present device an intent entry means (``find``), even after the id rule changed its id;
-* which device a hostdev stands for (``stands_for``), whether it is bound to it (``bound``);
-* which domains hold or claim a device (``attached_to``, ``holders``);
+* a hostdev **designates** the present devices its source names: by bus/device address when it is **pinned**
+  (has one), else by vendor:product (``designates``);
+* a hostdev **belongs** to a device: it designates that device alone, or, designating several or none (twins, a
+  replug), the configuration's intent gives it to that device (``belongs``, ``hostdevs_of``); it **pins** the device
+  when it designates that device alone, live by its address (``pins``);
+* an intent entry **means** a present device, even after the id rule changed its id (``find``, ``meant``);
+* a configuration **holds** a device when one of its hostdevs designates it and belongs to it (``holds``, ``held``;
+  by domain and scope, ``held_by``), and **claims** it when it holds it or its intent means it (``claims``,
+  ``claimed``); the domains that claim a device are its **claimants** (``claimants``);
 * the status of each intent entry, which hostdevs are stale, which domains could not start as they
   are, and how the host differs from a declared state (``drift``).
+
+What the modules return keeps its own names (``attached_to`` of a device, ``held_by`` and ``intended_for`` of the drift
+report, the status ``attached`` of an entry).
 
 It is built from a live host (``_usb.enumerate_devices`` and ``load_domains``) or from the facts usb_facts
 returned (``from_facts``), so the report on the controller gives the same answers as the modules on the host.
 
 Which device an intent entry means: the entry records the device id and the serial, the
-port and the bus/device address the device had when it was bound. A newcomer with the same
+port and the bus/device address the device had when the entry was recorded. A newcomer with the same
 vendor:product and serial turns both ids port-based; a twin leaving turns a port-based id
 serial-based. Among the present devices of the entry's vendor:product (and its serial, when known),
 the one with the recorded id, else the one at the recorded address, else the one at the recorded port
@@ -32,17 +41,14 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _intent, _libvirt, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration, _intent, _libvirt, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import HostError, SelectorError
 
 LIVE = "live"
 PERSISTENT = "persistent"
 SCOPES = (LIVE, PERSISTENT)
 DRIFT = ("missing", "unattached", "undeclared", "stale", "invalid", "unknown_domains", "unstartable")
 SOURCES = {"intent": "recorded in its intent", "inventory": "declared in the inventory"}
-
-
-class HostError(Exception):
-    """The host could not be read; the message says what and where."""
 
 
 @dataclass
@@ -122,21 +128,21 @@ def entry_serial(entry: dict) -> str | None:
     """The serial an intent entry recorded, or the one its serial-based id carries."""
     if entry.get("serial"):
         return entry["serial"]
-    match = _usb.DEVICE_ID.match(entry["id"])
+    match = _declaration.DEVICE_ID.match(entry["id"])
     return unquote(match.group(3)) if match and match.group(3) else None
 
 
 def entry_port(entry: dict) -> str | None:
     if entry.get("port"):
         return entry["port"]
-    match = _usb.DEVICE_ID.match(entry["id"])
+    match = _declaration.DEVICE_ID.match(entry["id"])
     return match.group(4) if match else None
 
 
 def new_entry(device: dict, selector: dict) -> dict:
     """The intent entry for a device chosen by a selector: its id, and what finds it again."""
-    entry = {"id": device["id"], "selector": _usb.recorded_selector(selector)}
-    entry.update((key, selector[key]) for key in _usb.REMOTE_FIELDS if selector.get(key))
+    entry = {"id": device["id"], "selector": _declaration.recorded_selector(selector)}
+    entry.update((key, selector[key]) for key in _declaration.REMOTE_FIELDS if selector.get(key))
     if device.get("absent"):
         serial = entry_serial(entry)
         if serial:
@@ -159,6 +165,11 @@ class HostModel:
         for device in self.candidates:
             self.by_address.setdefault((device["bus"], device["device"]), []).append(device)
             self.by_vendor_product.setdefault(device["vendor_device_id"], []).append(device)
+
+    @classmethod
+    def read(cls, conn: Any, uri: str, context: Any = None) -> HostModel:
+        """One read of a live host: its USB devices and every domain; HostError when libvirt cannot list or read them."""
+        return cls(_usb.enumerate_devices(context), load_domains(conn, uri))
 
     @classmethod
     def from_facts(cls, facts: dict) -> HostModel:
@@ -211,16 +222,17 @@ class HostModel:
                     return found[0]
         return None
 
-    def intended(self, config: Config) -> list[tuple[dict, dict | None]]:
+    def meant(self, config: Config) -> list[tuple[dict, dict | None]]:
+        """Each intent entry of the configuration and the present device it means (None when none)."""
         return [(entry, self.find(entry)) for entry in config.intent]
 
-    def stands_for(self, hostdev: dict, device: dict, config: Config) -> bool:
-        """Whether a hostdev of a configuration stands for a device.
+    def belongs(self, hostdev: dict, device: dict, config: Config) -> bool:
+        """Whether a hostdev of a configuration belongs to a device.
 
         One that designates exactly that device does. One that designates several devices (vendor:product
-        without address, twins present) or none (an address left by a replug) stands for a device of its
-        vendor:product that has no hostdev of its own there and that the configuration's intent means, or,
-        when the intent means none of that vendor:product, for any of them."""
+        without address, twins present) or none (an address left by a replug) belongs to a device of its
+        vendor:product that no other hostdev there designates alone and that the configuration's intent means,
+        or, when the intent means none of that vendor:product, to any of them."""
         found = self.designates(hostdev)
         if found:
             if device not in found:
@@ -230,52 +242,54 @@ class HostModel:
         elif vendor_product(hostdev) != vendor_product(device):
             return False
         if any(other is not hostdev and self.designates(other) == [device] for other in config.hostdevs):
-            # The device has a hostdev of its own: this one is another device's, a twin's left by a replug.
+            # Another hostdev designates the device alone: this one belongs to another device, a twin's left by a replug.
             return False
-        meant = [(entry, self.find(entry)) for entry in config.intent if entry["id"][0:9] == device["vendor_device_id"]]
-        if not meant:
+        entries = [(entry, present) for entry, present in self.meant(config) if entry["id"][0:9] == device["vendor_device_id"]]
+        if not entries:
             return True
         if device.get("absent"):
-            return any(entry["id"] == device["id"] for entry, _present in meant)
-        return any(present is device for _entry, present in meant)
+            return any(entry["id"] == device["id"] for entry, _present in entries)
+        return any(present is device for _entry, present in entries)
 
-    def bound(self, hostdev: dict, device: dict, scope: str) -> bool:
-        """Whether the hostdev designates exactly this device; live, only by its bus/device address
-        (a live hostdev without one is what libvirt leaves of an optional device absent at start)."""
+    def pins(self, hostdev: dict, device: dict, scope: str) -> bool:
+        """Whether the hostdev pins the device: it designates that device alone; live, only when pinned (a live
+        hostdev without an address is what libvirt leaves of an optional device absent at start)."""
         if scope == LIVE and not pinned(hostdev):
             return False
         return self.designates(hostdev) == [device]
 
-    def standing(self, config: Config, device: dict) -> list[dict]:
-        return [hostdev for hostdev in config.hostdevs if self.stands_for(hostdev, device, config)]
+    def hostdevs_of(self, config: Config, device: dict) -> list[dict]:
+        """The hostdevs of the configuration that belong to the device."""
+        return [hostdev for hostdev in config.hostdevs if self.belongs(hostdev, device, config)]
 
-    def attached(self, config: Config, device: dict) -> bool:
-        """A hostdev of the configuration designates the device and stands for it."""
-        return any(self.designates(hostdev) and self.stands_for(hostdev, device, config) for hostdev in config.hostdevs)
+    def holds(self, config: Config, device: dict) -> bool:
+        """Whether the configuration holds the device: one of its hostdevs designates it and belongs to it."""
+        return any(self.designates(hostdev) and self.belongs(hostdev, device, config) for hostdev in config.hostdevs)
 
-    def attached_devices(self, config: Config) -> list[dict]:
+    def held(self, config: Config) -> list[dict]:
+        """The devices the configuration holds."""
         found = []
         for hostdev in config.hostdevs:
             for device in self.designates(hostdev):
-                if device not in found and self.stands_for(hostdev, device, config):
+                if device not in found and self.belongs(hostdev, device, config):
                     found.append(device)
         return found
 
     def claimed(self, config: Config) -> list[dict]:
-        """The devices the configuration holds or its intent means; absent ones as stand-ins."""
+        """The devices the configuration claims (holds, or its intent means); absent ones as stand-ins."""
         found = []
-        for entry, device in self.intended(config):
+        for entry, device in self.meant(config):
             found.append(device if device is not None else absent_device(entry["id"]))
-        return found + [device for device in self.attached_devices(config) if device not in found]
+        return found + [device for device in self.held(config) if device not in found]
 
     def claims(self, config: Config, device: dict) -> bool:
-        """The configuration holds the device, or its intent means it."""
+        """Whether the configuration claims the device: holds it, or its intent means it."""
         if device.get("absent"):
             return any(entry["id"] == device["id"] and self.find(entry) is None for entry in config.intent)
-        return any(present is device for _entry, present in self.intended(config)) or self.attached(config, device)
+        return any(present is device for _entry, present in self.meant(config)) or self.holds(config, device)
 
-    def holders(self, device: dict, exclude: Domain | None = None) -> list[tuple[Domain, list[str]]]:
-        """``[(domain, [scopes])]`` of the domains that hold or claim the device."""
+    def claimants(self, device: dict, exclude: Domain | None = None) -> list[tuple[Domain, list[str]]]:
+        """``[(domain, [scopes])]`` of the device's claimants."""
         found = []
         for domain in self.domains:
             if domain is exclude:
@@ -285,21 +299,22 @@ class HostModel:
                 found.append((domain, scopes))
         return found
 
-    def attached_to(self, device: dict) -> dict:
+    def held_by(self, device: dict) -> dict:
+        """``{scope: [domain names]}`` of the domains that hold the device."""
         return dict(
-            (scope, sorted(domain.name for domain in self.domains if scope in domain.configs and self.attached(domain.configs[scope], device)))
+            (scope, sorted(domain.name for domain in self.domains if scope in domain.configs and self.holds(domain.configs[scope], device)))
             for scope in SCOPES
         )
 
     def entry_status(self, config: Config, scope: str, entry: dict) -> str:
-        """``attached``: a hostdev of the configuration designates the device (live: by its address);
+        """``attached``: a hostdev of the configuration designates the device and belongs to it (live: by its address);
         ``missing``: the device is not plugged in (or cannot be told from a twin); ``stale``: it is, and no
         hostdev designates it, as after a replug the agent has not caught up with."""
         device = self.find(entry)
         if device is None:
             return "missing"
         for hostdev in config.hostdevs:
-            if (pinned(hostdev) or scope == PERSISTENT) and device in self.designates(hostdev) and self.stands_for(hostdev, device, config):
+            if (pinned(hostdev) or scope == PERSISTENT) and device in self.designates(hostdev) and self.belongs(hostdev, device, config):
                 return "attached"
         return "stale"
 
@@ -325,7 +340,7 @@ class HostModel:
 
     def device_view(self, device: dict) -> dict:
         view = _usb.public_view(device)
-        view["attached_to"] = self.attached_to(device)
+        view["attached_to"] = self.held_by(device)
         return view
 
     def hostdev_view(self, hostdev: dict) -> dict:
@@ -372,7 +387,7 @@ class HostModel:
 
         for domain in sorted(self.domains, key=lambda item: item.name):
             for scope, config in domain.configs.items():
-                for device in self.attached_devices(config):
+                for device in self.held(config):
                     entries[device["id"]]["held_by"][scope].append(domain.name)
 
         domains = []
@@ -396,7 +411,7 @@ class HostModel:
                 item = entries[device["id"]]
                 item["intended_for"].append(domain.name)
                 if not _holds(item, domain.name):
-                    report["unattached"].append({"domain": domain.name, "device": device["id"], "held_by": _holder_names(item)})
+                    report["unattached"].append({"domain": domain.name, "device": device["id"], "held_by": _holding(item)})
             for reason in self.unstartable(domain):
                 report["unstartable"].append({"domain": domain.name, "reason": reason})
             settings = declared.get(domain.name) or {}
@@ -419,8 +434,8 @@ class HostModel:
             chosen = []
             for selector in settings.get("devices") or []:
                 try:
-                    normalized = _usb.normalize_selector(selector)
-                except _usb.SelectorError as error:
+                    normalized = _declaration.normalize_selector(selector)
+                except SelectorError as error:
                     report["invalid"].append({"domain": name, "selector": _selector_text(selector), "error": str(error)})
                     continue
                 matches = [device for device in self.candidates if _usb.selector_matches(normalized, device)]
@@ -428,21 +443,21 @@ class HostModel:
                     held = [device for device in matches if domain and any(self.claims(config, device) for config in domain.configs.values())]
                     if len(held) != 1:
                         error = "ambiguous: %s match" % ", ".join(device["id"] for device in matches)
-                        report["invalid"].append({"domain": name, "selector": _usb.describe_selector(normalized), "error": error})
+                        report["invalid"].append({"domain": name, "selector": _declaration.describe_selector(normalized), "error": error})
                         continue
                     matches = held
                 if not matches:
                     recorded = domain and self.recorded(domain, normalized)
                     if recorded is None or recorded[1] is None:
                         if not recorded:
-                            report["missing"].append({"domain": name, "device": _usb.describe_selector(normalized), "source": "inventory"})
+                            report["missing"].append({"domain": name, "device": _declaration.describe_selector(normalized), "source": "inventory"})
                         continue
                     matches = [recorded[1]]
                 item = entries[matches[0]["id"]]
                 chosen.append(item["id"])
                 if name not in item["declared_for"]:
                     item["declared_for"].append(name)
-                unattached = {"domain": name, "device": item["id"], "held_by": _holder_names(item)}
+                unattached = {"domain": name, "device": item["id"], "held_by": _holding(item)}
                 if domain and not _holds(item, name) and unattached not in report["unattached"]:
                     report["unattached"].append(unattached)
             if settings.get("exclusive") and domain:
@@ -450,7 +465,7 @@ class HostModel:
                 report["undeclared"].extend({"domain": name, "device": device_id} for device_id in holds if device_id not in chosen)
 
         for item in entries.values():
-            claimants = set(_holder_names(item)) | set(item["intended_for"]) | set(item["declared_for"])
+            claimants = set(_holding(item)) | set(item["intended_for"]) | set(item["declared_for"])
             if not claimants:
                 item["flags"].append("unclaimed")
             elif len(claimants) > 1:
@@ -468,12 +483,12 @@ class HostModel:
         """The intent entry of the domain recorded for this selector (by id or by the same selector), and the device it means."""
         for config in domain.configs.values():
             for entry in config.intent:
-                if entry["id"] == selector.get("id") or entry["selector"] == _usb.recorded_selector(selector):
+                if entry["id"] == selector.get("id") or entry["selector"] == _declaration.recorded_selector(selector):
                     return entry, self.find(entry)
         return None
 
 
-def _holder_names(item: dict) -> list[str]:
+def _holding(item: dict) -> list[str]:
     return sorted(set(item["held_by"][LIVE] + item["held_by"][PERSISTENT]))
 
 
@@ -483,11 +498,11 @@ def _holds(item: dict, name: str) -> bool:
 
 def _selector_text(selector: Any) -> str:
     if isinstance(selector, dict):
-        return _usb.describe_selector(selector) or str(selector)
+        return _declaration.describe_selector(selector) or str(selector)
     return str(selector)
 
 
-def _holders_text(held_by: dict) -> str:
+def _holding_text(held_by: dict) -> str:
     names = []
     for name in held_by[LIVE] + held_by[PERSISTENT]:
         if name not in names:
@@ -499,9 +514,9 @@ def _summary(report: dict) -> dict:
     present = []
     for item in report["devices"]:
         line = "%s %s port %s %s" % (item["id"], item["address"], item["port"], item["model"] or "")
-        holders = _holders_text(item["held_by"])
-        if holders:
-            line += ": held by " + holders
+        holding = _holding_text(item["held_by"])
+        if holding:
+            line += ": held by " + holding
         if item["flags"]:
             line += " [%s]" % ", ".join(item["flags"])
         present.append(line)

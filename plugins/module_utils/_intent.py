@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from ansible_collections.kvmhost.usb.plugins.module_utils._usb import RECORDED_FIELDS
+from ansible_collections.kvmhost.usb.plugins.module_utils._declaration import RECORDED_FIELDS
 
 NAMESPACE = "http://kvmhost.usb/ns/passthrough/1"
 PREFIX = "kvmhost-usb"

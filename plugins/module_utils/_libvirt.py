@@ -9,6 +9,8 @@ import re
 import traceback
 import xml.etree.ElementTree as ET
 
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import LibvirtError
+
 LIBVIRT_IMPORT_ERROR = None
 try:
     import libvirt
@@ -19,10 +21,6 @@ except ImportError:
 UUID = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
 
 LIBVIRT_REQUIREMENT = "libvirt-python (Debian/Ubuntu: python3-libvirt, RHEL family: python3-libvirt, or pip install libvirt-python)"
-
-
-class LibvirtError(Exception):
-    """libvirt could not be reached or refused an operation; the message is libvirt's."""
 
 
 def _quiet(ctx, error):

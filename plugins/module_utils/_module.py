@@ -10,9 +10,10 @@ from typing import Any, Callable
 
 from ansible.module_utils.basic import missing_required_lib
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _controller, _libvirt, _passthrough, _usb, _usbip
+from ansible_collections.kvmhost.usb.plugins.module_utils import _libvirt, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import ControllerError, LibvirtError, PassthroughError, SelectorError, UsbipError
 
-ERRORS = (_usb.SelectorError, _passthrough.PassthroughError, _controller.ControllerError, _libvirt.LibvirtError, _usbip.UsbipError)
+ERRORS = (SelectorError, PassthroughError, ControllerError, LibvirtError, UsbipError)
 
 
 def require_libraries(module: Any, pyudev: bool = True) -> None:

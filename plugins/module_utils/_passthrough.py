@@ -15,25 +15,12 @@ rendered from the model before and after.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
-import tempfile
-
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _crosshost, _host, _intent, _libvirt, _mounts, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils import _crosshost, _declaration, _host, _intent, _libvirt, _lock, _mounts, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import HostError, PassthroughError, SelectorError
 from ansible_collections.kvmhost.usb.plugins.module_utils._host import LIVE, PERSISTENT, Config, Domain, HostModel
-
-LOCK_PATH = "/run/lock/kvmhost-usb.lock"
-# Tests point this at their own file; operators have no reason to.
-LOCK_PATH_ENV = "KVMHOST_USB_LOCK"
-DOMAIN_SETTINGS = ("devices", "exclusive", "auto_start", "steal", "controller")
-
-
-class PassthroughError(Exception):
-    """A change that must not or could not be made; the message says what was left changed, if anything."""
 
 
 @dataclass
@@ -44,7 +31,7 @@ class Step:
     hostdev: dict | None = None
     intent: list | None = None
     previous: list | None = None
-    # The plugged-in device the hostdev stands for; an attach relies on it.
+    # The plugged-in device the hostdev belongs to; an attach relies on it.
     device: dict | None = None
 
     def describe(self) -> str:
@@ -58,66 +45,6 @@ class Step:
             self.scope,
             _libvirt.hostdev_xml(self.hostdev),
         )
-
-
-def normalize_selectors(items: list, allow_empty: bool = False) -> list[dict]:
-    if not items and not allow_empty:
-        raise _usb.SelectorError("No devices given: 'devices' needs at least one selector")
-    return [_usb.normalize_selector(item) for item in items]
-
-
-def normalize_declaration(domains: dict) -> dict:
-    """``{name: {"devices": [selectors], "exclusive", "auto_start"}}`` from the role's usb_passthrough;
-    the first malformed entry fails, naming its domain."""
-    if not isinstance(domains, dict):
-        raise PassthroughError("domains must map domain names to their settings, got %r" % (domains,))
-    declaration = {}
-    for name, settings in domains.items():
-        settings = settings if settings is not None else {}
-        if not isinstance(settings, dict):
-            raise PassthroughError("Domain %s: its settings must be a mapping of %s, got %r" % (name, ", ".join(DOMAIN_SETTINGS), settings))
-        unknown = sorted(set(settings) - set(DOMAIN_SETTINGS))
-        if unknown:
-            raise PassthroughError("Domain %s: unknown setting(s) %s; accepted: %s" % (name, ", ".join(unknown), ", ".join(DOMAIN_SETTINGS)))
-        devices = settings.get("devices") or []
-        if not isinstance(devices, list):
-            raise PassthroughError("Domain %s: devices must be a list of selectors, got %r" % (name, devices))
-        try:
-            selectors = [_usb.normalize_selector(item) for item in devices]
-        except _usb.SelectorError as error:
-            raise PassthroughError("Domain %s: %s" % (name, error))
-        declaration[str(name)] = dict([(key, bool(settings.get(key))) for key in ("exclusive", "auto_start", "steal")], devices=selectors)
-    return declaration
-
-
-@contextlib.contextmanager
-def host_lock(path: str | None = None, shared: bool = False) -> Iterator[None]:
-    """Serialise passthrough changes on this host, across processes (flock, released on exit). A run holds it
-    from its read of the domains to its last change, domain starts included: a run that read a domain shut
-    off and changed only its persistent configuration while another started it would leave the device live.
-
-    ``shared``, for check mode: wait for the changes in progress, not for other reads, and create no file."""
-    path = path or os.environ.get(LOCK_PATH_ENV) or LOCK_PATH
-    if not os.path.isdir(os.path.dirname(path)):
-        path = os.path.join(tempfile.gettempdir(), os.path.basename(path))
-    if shared and not os.path.exists(path):
-        # No change was ever made under it.
-        yield
-        return
-    try:
-        descriptor = os.open(path, os.O_RDONLY if shared else os.O_RDONLY | os.O_CREAT, 0o644)
-    except OSError as error:
-        raise PassthroughError("Cannot open the host lock %s: %s" % (path, error))
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(descriptor)
-
-
-def maybe_lock(check_mode: bool) -> Any:
-    """The host lock; shared in check mode, which changes nothing but should not plan from a half-made change."""
-    return host_lock(shared=check_mode)
 
 
 def _device_key(device: dict) -> Any:
@@ -148,7 +75,7 @@ class Planner:
     def load_domains(self) -> None:
         try:
             self.model.domains = _host.load_domains(self.conn, self.uri)
-        except _host.HostError as error:
+        except HostError as error:
             raise PassthroughError(str(error))
 
     def lookup(self, name_or_uuid: str) -> Any:
@@ -174,11 +101,11 @@ class Planner:
         device the domain's intent recorded for this selector is found after its id changed, and with
         ``allow_absent`` a device named by its full serial id may be absent. A selector with ``host`` chooses the
         device imported for it (in check mode, a stand-in when it is not imported yet)."""
-        if _usb.is_remote(selector):
+        if _declaration.is_remote(selector):
             return self.remote_device(selector)
         try:
             return _usb.select_device(self.devices, selector)
-        except _usb.SelectorError:
+        except SelectorError:
             matches = [device for device in self.model.candidates if _usb.selector_matches(selector, device)]
             if domain is not None and len(matches) > 1:
                 held = [device for device in matches if any(self.model.claims(config, device) for config in domain.configs.values())]
@@ -199,7 +126,7 @@ class Planner:
         if record is None:
             if self.check_mode:
                 return _crosshost.stand_in(selector)
-            raise _usb.SelectorError("%s is not imported" % _crosshost.describe(selector))
+            raise SelectorError("%s is not imported" % _crosshost.describe(selector))
         return _crosshost.local_device(self.model.candidates, record, selector)
 
     def resolve(self, domain: Domain | None, selectors: list[dict], allow_absent: bool = False) -> list[tuple[dict, dict]]:
@@ -208,9 +135,9 @@ class Planner:
             device = self.choose(domain, selector, allow_absent)
             for earlier_selector, earlier in resolved:
                 if _device_key(earlier) == _device_key(device):
-                    raise _usb.SelectorError(
+                    raise SelectorError(
                         "Selectors (%s) and (%s) both choose %s"
-                        % (_usb.describe_selector(earlier_selector), _usb.describe_selector(selector), device["id"])
+                        % (_declaration.describe_selector(earlier_selector), _declaration.describe_selector(selector), device["id"])
                     )
             resolved.append((selector, device))
         return resolved
@@ -267,8 +194,8 @@ class Planner:
         for index, existing in enumerate(config.intent):
             if existing["id"] == entry["id"] or (not device.get("absent") and self.model.find(existing) is device):
                 if device.get("absent"):
-                    entry = dict(existing, **dict((key, entry[key]) for key in ("selector",) + _usb.REMOTE_FIELDS if key in entry))
-                for key in _usb.REMOTE_FIELDS:
+                    entry = dict(existing, **dict((key, entry[key]) for key in ("selector",) + _declaration.REMOTE_FIELDS if key in entry))
+                for key in _declaration.REMOTE_FIELDS:
                     if existing.get(key) and key not in entry:
                         entry[key] = existing[key]
                 entry["id"] = existing["id"]
@@ -287,14 +214,14 @@ class Planner:
             rebound = False
             if device.get("absent"):
                 if scope == LIVE:
-                    for hostdev in self.model.standing(config, device):
+                    for hostdev in self.model.hostdevs_of(config, device):
                         self._hostdev_step(domain, scope, "detach", hostdev)
             else:
-                standing = self.model.standing(config, device)
-                if not any(self.model.bound(hostdev, device, scope) for hostdev in standing):
-                    if standing:
+                belonging = self.model.hostdevs_of(config, device)
+                if not any(self.model.pins(hostdev, device, scope) for hostdev in belonging):
+                    if belonging:
                         # Left by a replug, or too vague to start the domain: re-bind it.
-                        self._hostdev_step(domain, scope, "detach", standing[0], device)
+                        self._hostdev_step(domain, scope, "detach", belonging[0], device)
                     self._hostdev_step(domain, scope, "attach", self.wanted_hostdev(device, scope), device)
                     rebound = True
             self._record(domain, config, device, selector, rebound)
@@ -305,22 +232,22 @@ class Planner:
         config = domain.configs.get(PERSISTENT)
         if config is None:
             return
-        for entry, device in self.model.intended(config):
+        for entry, device in self.model.meant(config):
             if device is None:
                 continue
-            for hostdev in self.model.standing(config, device):
+            for hostdev in self.model.hostdevs_of(config, device):
                 if len(self.model.designates(hostdev)) > 1:
                     self._hostdev_step(domain, PERSISTENT, "detach", hostdev, device)
                     self._hostdev_step(domain, PERSISTENT, "attach", self.wanted_hostdev(device, PERSISTENT), device)
                     self._record(domain, config, device, entry["selector"], rebound=True)
 
     def plan_exclusive(self, domain: Domain, scopes: list[str], kept: list[dict]) -> None:
-        """Take from the domain every USB device it holds other than ``kept``: the hostdevs that stand
-        for none of them (stale ones and hand-written ones included) and the other intent entries."""
+        """Take from the domain every USB device it claims other than ``kept``: the hostdevs that belong
+        to none of them (stale ones and hand-written ones included) and the other intent entries."""
         kept_keys = [_device_key(device) for device in kept]
         for scope in scopes:
             config = domain.configs[scope]
-            for hostdev in [hostdev for hostdev in config.hostdevs if not any(self.model.stands_for(hostdev, device, config) for device in kept)]:
+            for hostdev in [hostdev for hostdev in config.hostdevs if not any(self.model.belongs(hostdev, device, config) for device in kept)]:
                 self._hostdev_step(domain, scope, "detach", hostdev)
             remaining = [entry for entry in config.intent if self._entry_key(entry) in kept_keys]
             if remaining != config.intent:
@@ -334,7 +261,7 @@ class Planner:
     def plan_detach(self, domain: Domain, device: dict) -> None:
         key = _device_key(device)
         for scope, config in domain.configs.items():
-            for hostdev in self.model.standing(config, device):
+            for hostdev in self.model.hostdevs_of(config, device):
                 self._hostdev_step(domain, scope, "detach", hostdev, device)
             kept = [entry for entry in config.intent if self._entry_key(entry) != key]
             if kept != config.intent:
@@ -545,7 +472,7 @@ class Planner:
             domain = self.model.domain(name)
             try:
                 resolved = self.resolve(domain, settings["devices"], allow_absent)
-            except _usb.SelectorError as error:
+            except SelectorError as error:
                 raise PassthroughError(str(error) if len(declaration) == 1 else "Domain %s: %s" % (domain.name, error))
             for _selector, device in resolved:
                 other = owners.get(_device_key(device))
@@ -598,9 +525,9 @@ class Planner:
 
     def converge(self, domains: dict, steal: bool = False, whole_host: bool = False, allow_host_critical: bool = False) -> dict:
         """usb_passthrough: the host's declared state in one pass."""
-        declaration = normalize_declaration(domains)
+        declaration = _declaration.normalize_declaration(domains)
         # Imports are made under the host lock, as the agent makes them: two at once could pick the same free vhci port.
-        with maybe_lock(self.check_mode):
+        with _lock.maybe_lock(self.check_mode):
             self.imports.prepare([(name, selector) for name, settings in declaration.items() for selector in settings["devices"]])
             self.enumerate()
             self.load_domains()
@@ -609,7 +536,7 @@ class Planner:
                 wanted = self.plan_declaration(declaration, steal=steal, whole_host=whole_host, allow_host_critical=allow_host_critical)
                 self.plan_dropped_imports(wanted)
                 steps = self.execute()
-            except (PassthroughError, _usb.SelectorError) as error:
+            except (PassthroughError, SelectorError) as error:
                 self.imports.undo()
                 error.drift = drift
                 raise
@@ -642,7 +569,7 @@ class Planner:
     ) -> dict:
         """usb_attach: one domain gets the devices, in addition to what it has unless ``exclusive``."""
         handle = self.lookup(domain_name)
-        with maybe_lock(self.check_mode):
+        with _lock.maybe_lock(self.check_mode):
             self.imports.prepare([(handle.name(), selector) for selector in selectors])
             self.enumerate()
             self.load_domains()
@@ -653,7 +580,7 @@ class Planner:
             try:
                 wanted = self.plan_declaration(declaration, steal=steal, allow_host_critical=allow_host_critical, allow_absent=False, persistent=persistent)
                 steps = self.execute()
-            except _usb.SelectorError as error:
+            except SelectorError as error:
                 self.imports.undo()
                 raise PassthroughError(str(error))
             except PassthroughError:
@@ -671,7 +598,7 @@ class Planner:
         """usb_detach: the devices leave one domain, or whichever domains hold them."""
         handle = self.lookup(domain_name) if domain_name else None
         self.imports.find_standing(selectors)
-        with maybe_lock(self.check_mode):
+        with _lock.maybe_lock(self.check_mode):
             self.enumerate()
             self.load_domains()
             only = self.domain(handle.UUIDString()) if handle else None
@@ -705,7 +632,7 @@ class Planner:
         for domain in self.model.domains:
             resolved = wanted.get(domain, ({}, []))[1]
             kept = [_device_key(device) for _selector, device in resolved]
-            selectors = [_usb.recorded_selector(selector) for selector, _device in resolved]
+            selectors = [_declaration.recorded_selector(selector) for selector, _device in resolved]
             for config in list(domain.configs.values()):
                 for entry in list(config.intent):
                     if entry.get("host") and self._entry_key(entry) not in kept and entry["selector"] not in selectors:

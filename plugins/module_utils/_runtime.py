@@ -18,7 +18,8 @@ import json
 import subprocess
 import sys
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _agent, _facts, _usb, _usbip, _version
+from ansible_collections.kvmhost.usb.plugins.module_utils import _agent, _facts, _usb, _version
+from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import exporter
 
 SERVICES = {"agent": "kvmhost-usb-agent.service", "exporter": "kvmhost-usb-exporter.service"}
 SERVICE_PROPERTIES = ("ActiveState", "SubState", "MainPID", "NRestarts", "UnitFileState")
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None, build: dict | None = None) -> int:
     if args.command == "agent":
         return _agent.main(rest)
     if args.command == "exporter":
-        return _usbip.main(rest)
+        return exporter.main(rest)
     if rest:
         parser.error("unrecognized arguments: %s" % " ".join(rest))
     if args.command == "version":

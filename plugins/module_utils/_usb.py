@@ -19,7 +19,10 @@ import os
 import re
 import traceback
 
-from urllib.parse import quote
+from urllib.parse import quote, unquote
+
+from ansible_collections.kvmhost.usb.plugins.module_utils._declaration import DEVICE_FIELDS, DEVICE_ID, describe_selector
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import SelectorError
 
 PYUDEV_IMPORT_ERROR = None
 try:
@@ -58,27 +61,6 @@ CLASS_NAMES = {
     0xFF: "Vendor Specific Class",
 }
 
-HEX4 = re.compile(r"^[0-9a-fA-F]{4}$")
-ADDRESS = re.compile(r"^(\d{1,3}):(\d{1,3})$")
-PORT = re.compile(r"^\d+-\d+(\.\d+)*$")
-VENDOR_PRODUCT = re.compile(r"^([0-9a-fA-F]{4}):([0-9a-fA-F]{4})$")
-DEVICE_ID = re.compile(r"^([0-9a-f]{4}):([0-9a-f]{4})(?::([A-Za-z0-9._~%-]+)|@(\d+-\d+(?:\.\d+)*))$")
-
-DEVICE_FIELDS = ("id", "vendor_id", "product_id", "serial", "port", "address")
-# A selector with host chooses a device plugged into that other KVM host of the inventory, reached at
-# link_address, on USB/IP port link_port (both filled in by the action plugins from the inventory); its device fields
-# apply there.
-REMOTE_FIELDS = ("host", "link_address", "link_port")
-SELECTOR_FIELDS = DEVICE_FIELDS + REMOTE_FIELDS
-# What the intent records of a selector: link_address and link_port are where the host was reached, recorded beside it.
-RECORDED_FIELDS = DEVICE_FIELDS + ("host",)
-HOST_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@:-]*$")
-LINK_ADDRESS = re.compile(r"^[A-Za-z0-9_.:%-]+$")
-
-
-class SelectorError(ValueError):
-    """A selector is malformed, matches nothing, or matches more than one device."""
-
 
 def _text(value):
     if value is None:
@@ -108,6 +90,26 @@ def _number(value):
 
 def encode_serial(serial):
     return quote(serial, safe="-._~")
+
+
+def id_of(vendor_id, product_id, serial=None, port=None):
+    """A device's id by the rule above: serial-based when ``serial`` is given, else port-based."""
+    if serial:
+        return "%s:%s:%s" % (vendor_id, product_id, encode_serial(serial))
+    return "%s:%s@%s" % (vendor_id, product_id, port)
+
+
+def id_fields(device_id):
+    """The fields an id carries: vendor_id, product_id, and serial or port; none for what is not an id."""
+    match = DEVICE_ID.match(device_id or "")
+    if not match:
+        return {}
+    fields = {"vendor_id": match.group(1), "product_id": match.group(2)}
+    if match.group(3):
+        fields["serial"] = unquote(match.group(3))
+    else:
+        fields["port"] = match.group(4)
+    return fields
 
 
 def class_names(codes):
@@ -255,10 +257,8 @@ def assign_ids(devices):
             serial_count[key] = serial_count.get(key, 0) + 1
     for device in devices:
         serial = device["serial"]
-        if serial and serial_count[(device["vendor_device_id"], serial)] == 1:
-            device["id"] = "%s:%s" % (device["vendor_device_id"], encode_serial(serial))
-        else:
-            device["id"] = "%s@%s" % (device["vendor_device_id"], device["port"])
+        unique = serial and serial_count[(device["vendor_device_id"], serial)] == 1
+        device["id"] = id_of(device["vendor_id"], device["product_id"], serial if unique else None, device["port"])
     return devices
 
 
@@ -325,94 +325,6 @@ def passthrough_candidates(devices):
     return [device for device in devices if not device["is_hub"] and not device["is_root_hub"]]
 
 
-def normalize_selector(selector):
-    """Validate a selector (dict or ad-hoc string) and return it as a dict of normalised fields."""
-    if isinstance(selector, str):
-        return _parse_selector_string(selector)
-    if not isinstance(selector, dict):
-        raise SelectorError("A device selector must be a dict or a string, got %r" % (selector,))
-    unknown = sorted(set(selector) - set(SELECTOR_FIELDS))
-    if unknown:
-        raise SelectorError("Unknown selector field(s) %s; accepted: %s" % (", ".join(unknown), ", ".join(SELECTOR_FIELDS)))
-    normalized = {}
-    for field in SELECTOR_FIELDS:
-        value = selector.get(field)
-        if value is None or value == "":
-            continue
-        value = str(value).strip()
-        if field in ("vendor_id", "product_id"):
-            value = value.lower()
-            if value.startswith("0x"):
-                value = value[2:]
-            if not HEX4.match(value):
-                raise SelectorError("Malformed %s %r: expected 4 hexadecimal digits such as 0951" % (field, selector[field]))
-        elif field == "address":
-            match = ADDRESS.match(value)
-            if not match or not (0 < int(match.group(1)) < 256 and 0 < int(match.group(2)) < 256):
-                raise SelectorError("Malformed address %r: expected BBB:DDD (bus and device number) such as 002:005" % selector[field])
-            value = "%03d:%03d" % (int(match.group(1)), int(match.group(2)))
-        elif field == "port":
-            if not PORT.match(value):
-                raise SelectorError("Malformed port %r: expected a port path such as 2-1.4" % selector[field])
-        elif field == "id":
-            if not DEVICE_ID.match(value):
-                raise SelectorError(
-                    "Malformed id %r: expected vvvv:pppp:SERIAL or vvvv:pppp@PORT as usb_facts reports it" % selector[field]
-                )
-        elif field == "host":
-            if not HOST_NAME.match(value):
-                raise SelectorError("Malformed host %r: expected the inventory name of a KVM host such as kvm1" % selector[field])
-        elif field == "link_address":
-            if not LINK_ADDRESS.match(value):
-                raise SelectorError("Malformed link_address %r: expected an IP address or a host name" % selector[field])
-        elif field == "link_port":
-            if not value.isdigit() or not 0 < int(value) < 65536:
-                raise SelectorError("Malformed link_port %r: expected a TCP port number such as 3240" % selector[field])
-            value = str(int(value))
-        normalized[field] = value
-    if not any(field in normalized for field in DEVICE_FIELDS):
-        raise SelectorError("Empty device selector: give at least one of %s" % ", ".join(DEVICE_FIELDS))
-    for field in ("link_address", "link_port"):
-        if field in normalized and "host" not in normalized:
-            raise SelectorError("Selector (%s) has a %s but no host: %s is where host is reached" % (describe_selector(normalized), field, field))
-    return normalized
-
-
-def is_remote(selector):
-    """Whether the selector chooses a device of another KVM host."""
-    return "host" in selector
-
-
-def device_fields(selector):
-    """The fields of a selector that describe the device itself (on whichever host it is plugged into)."""
-    return dict((field, selector[field]) for field in DEVICE_FIELDS if field in selector)
-
-
-def recorded_selector(selector):
-    """The selector as the intent records it and compares it (without link_address)."""
-    return dict((field, selector[field]) for field in RECORDED_FIELDS if field in selector)
-
-
-def _parse_selector_string(text):
-    text = text.strip()
-    match = VENDOR_PRODUCT.match(text)
-    if match:
-        return {"vendor_id": match.group(1).lower(), "product_id": match.group(2).lower()}
-    if ADDRESS.match(text):
-        return normalize_selector({"address": text})
-    if PORT.match(text):
-        return {"port": text}
-    if DEVICE_ID.match(text):
-        return {"id": text}
-    raise SelectorError(
-        "Cannot read device selector %r: expected an id (vvvv:pppp:SERIAL or vvvv:pppp@PORT), vvvv:pppp, BBB:DDD or a port path" % text
-    )
-
-
-def describe_selector(selector):
-    return ", ".join("%s=%s" % (field, selector[field]) for field in ("host",) + DEVICE_FIELDS if field in selector)
-
-
 def selector_matches(selector, device):
     """Every field of the selector matches the device. A device of this host has no host field, so a selector
     naming another host never matches one: that device is found through its import (see _crosshost)."""
@@ -420,6 +332,20 @@ def selector_matches(selector, device):
         if device.get(field) != wanted:
             return False
     return True
+
+
+def wanted_fields(selector):
+    """The device fields a selector asks for, those its id carries included."""
+    fields = dict((field, selector[field]) for field in DEVICE_FIELDS if field != "id" and selector.get(field))
+    fields.update(id_fields(selector.get("id")))
+    return fields
+
+
+def fields_match(selector, device, fields):
+    """Whether the device (a plain dict of device fields) has each of ``fields`` the selector asks for: for a device
+    known by some of its fields only, such as one another host offers over USB/IP."""
+    wanted = wanted_fields(selector)
+    return all(device.get(field) == wanted[field] for field in fields if field in wanted)
 
 
 def describe_device(device):

@@ -171,7 +171,7 @@ actions:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _module, _passthrough
+from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration, _module, _passthrough
 
 
 def main():
@@ -192,7 +192,7 @@ def main():
     params = module.params
 
     def attach(conn):
-        selectors = _passthrough.normalize_selectors(params["devices"], allow_empty=params["exclusive"])
+        selectors = _declaration.normalize_selectors(params["devices"], allow_empty=params["exclusive"])
         return _passthrough.Planner(conn, params["uri"], module.check_mode).attach(
             params["domain"],
             selectors,

@@ -110,7 +110,7 @@ actions:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _module, _passthrough
+from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration, _module, _passthrough
 
 
 def main():
@@ -127,7 +127,7 @@ def main():
     params = module.params
 
     def detach(conn):
-        selectors = _passthrough.normalize_selectors(params["devices"])
+        selectors = _declaration.normalize_selectors(params["devices"])
         return _passthrough.Planner(conn, params["uri"], module.check_mode).detach(params["domain"], selectors, auto_start=params["auto_start"])
 
     _module.run(module, detach)

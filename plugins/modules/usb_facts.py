@@ -269,7 +269,7 @@ ansible_facts:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _facts, _hostconf, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration, _facts, _hostconf, _usb
 
 
 def main():
@@ -290,7 +290,7 @@ def main():
 
     filters = dict((key, module.params[key]) for key in ("vendor_id", "product_id", "serial", "port") if module.params[key])
     try:
-        filters = _usb.normalize_selector(filters) if filters else {}
+        filters = _declaration.normalize_selector(filters) if filters else {}
     except _usb.SelectorError as error:
         module.fail_json(msg=str(error))
 

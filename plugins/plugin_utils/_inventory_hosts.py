@@ -16,6 +16,8 @@ from typing import Any
 from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
 
+from ansible_collections.kvmhost.usb.plugins.module_utils._declaration import REMOTE_FIELDS
+
 
 def _variable(hostvars: Any, host: str, name: str) -> Any:
     variables = hostvars[host]
@@ -37,7 +39,7 @@ def resolve_selector(selector: Any, hostvars: Any, current: str, where: str) -> 
         return selector
     host = str(selector["host"])
     if host == current:
-        return dict((key, value) for key, value in selector.items() if key not in ("host", "link_address"))
+        return dict((key, value) for key, value in selector.items() if key not in REMOTE_FIELDS)
     if host not in hostvars:
         raise AnsibleActionFail(
             "%s: host %s is not in the inventory. A selector's host is the inventory name of the KVM host the device is plugged into." % (where, host)

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _libvirt, _passthrough, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration, _libvirt, _passthrough, _usb
 
 
 def say(word, data):
@@ -65,9 +65,9 @@ def main():
     args = request["args"]
     try:
         if request["operation"] == "attach":
-            result = planner.attach(args["domain"], _passthrough.normalize_selectors(args["devices"]), **args.get("options", {}))
+            result = planner.attach(args["domain"], _declaration.normalize_selectors(args["devices"]), **args.get("options", {}))
         elif request["operation"] == "detach":
-            result = planner.detach(args.get("domain"), _passthrough.normalize_selectors(args["devices"]))
+            result = planner.detach(args.get("domain"), _declaration.normalize_selectors(args["devices"]))
         else:
             result = planner.converge(args["domains"], **args.get("options", {}))
     except (_passthrough.PassthroughError, _usb.SelectorError) as error:

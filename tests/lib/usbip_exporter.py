@@ -1,4 +1,4 @@
-"""A USB/IP exporter served in the test process: the collection's own ``_usbip.Exporter`` on 127.0.0.1, over a
+"""A USB/IP exporter served in the test process: the collection's own ``_usbip.exporter.Exporter`` on 127.0.0.1, over a
 directory laid out like the kernel's /sys/bus/usb (a stand-in: this machine has no USB kernel)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tests.lib.modrun import collection_root
 
 sys.path.insert(0, collection_root())
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _usbip  # noqa: E402
+from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import exporter, table, wire  # noqa: E402
 
 # The QEMU stick of the test host as the kernel describes it, field by field in the order of
 # Documentation/usb/usbip_protocol.rst (struct usbip_usb_device, big endian).
@@ -22,7 +22,7 @@ STICK = {
     "busid": "2-1",
     "busnum": 2,
     "devnum": 3,
-    "speed": _usbip.USB_SPEED_SUPER,
+    "speed": wire.USB_SPEED_SUPER,
     "vendor_id": "46f4",
     "product_id": "0001",
     "bcd_device": 0x0000,
@@ -78,8 +78,8 @@ def serving(directory, exports, root):
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     listener.close()
-    _usbip.write_exports({"listen": "127.0.0.1", "port": port, "exports": exports}, str(directory / "exports.json"))
-    served = _usbip.Exporter(str(directory / "exports.json"), root=str(root), out=lines.append, state=str(directory / "exported.json"))
+    table.write_exports({"listen": "127.0.0.1", "port": port, "exports": exports}, str(directory / "exports.json"))
+    served = exporter.Exporter(str(directory / "exports.json"), root=str(root), out=lines.append, state=str(directory / "exported.json"))
     served.reload_if_changed()
     served.listen()
     stop = threading.Event()

@@ -27,8 +27,10 @@ from tests.lib.domains import URI
 from tests.lib.hostlock import wait_for_lock_waiter
 from tests.lib.modrun import attach, detach, failed, run_module
 from tests.lib.trees import KINGSTON_ID, REFERENCE
-from tests.lib.usbip_exporter import STICK, _usbip, fake_sysfs, serving
+from tests.lib.usbip_exporter import STICK, fake_sysfs, serving
 from tests.lib.usbtree import root_hub, vhci_hcd
+
+from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import table  # noqa: E402  (usbip_exporter put it on the path)
 
 STICK_ID = "46f4:0001:KING0001"
 # The stick of kvm2 as kvm1 sees it once imported: a device on the vhci bus (3), at vhci port 0.
@@ -129,7 +131,7 @@ def test_imported_device_is_attached_and_recorded_with_its_host_then_detached_re
     assert gone["actions"][-1] == "would release the import of %s from kvm2 (127.0.0.1)" % STICK_ID
     assert (imports_dir / "0.json").exists()
     exporter, _port, lines = kvm2_exporter
-    assert len(_usbip.read_exports(exporter.path)["exports"]) == 1
+    assert len(table.read_exports(exporter.path)["exports"]) == 1
     gone = detach({"domain": name, "devices": [REMOTE]}, IMPORTING, env=env)
     assert gone["rc"] == 0, gone
     assert hostdevs(domains.inactive(name)) == []
@@ -138,7 +140,7 @@ def test_imported_device_is_attached_and_recorded_with_its_host_then_detached_re
     assert gone["warnings"] == []
     assert not (imports_dir / "0.json").exists()
     # Taken back on this host, it is no longer exported on kvm2: the export is gone from kvm2's table at once.
-    assert _usbip.read_exports(exporter.path)["exports"] == []
+    assert table.read_exports(exporter.path)["exports"] == []
     assert "2-1 (%s) given back by kvm1 (127.0.0.1), domain buildvm: export removed" % STICK_ID in lines
 
 
@@ -322,6 +324,8 @@ def test_exports_are_computed_from_every_host_of_the_inventory(tmp_path):
             {"vendor_id": "0627", "product_id": "0001", "importer": "kvm3", "importer_address": "127.0.0.3", "domain": "testvm"},
         ],
         "conflicts": [],
+        "link_address": "10.77.0.1",
+        "import_addresses": [],
     }
 
 

@@ -12,7 +12,10 @@ import struct
 
 import pytest
 
-from tests.lib.usbip_exporter import STICK, _usbip, fake_sysfs, serving
+from tests.lib.usbip_exporter import STICK, fake_sysfs, serving
+
+from ansible_collections.kvmhost.usb.plugins.module_utils import _errors  # noqa: E402  (usbip_exporter put it on the path)
+from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import importer, sysfs, table, wire  # noqa: E402
 
 
 def spec_bytes(device):
@@ -37,10 +40,10 @@ def spec_bytes(device):
 
 
 def test_usb_device_is_packed_as_the_spec_lays_it_out_and_reads_back():
-    packed = _usbip.pack_usb_device(STICK)
+    packed = wire.pack_usb_device(STICK)
     assert len(packed) == 312
     assert packed == spec_bytes(STICK)
-    back = _usbip.unpack_usb_device(packed)
+    back = wire.unpack_usb_device(packed)
     for key in ("path", "busid", "busnum", "devnum", "speed", "vendor_id", "product_id", "configuration_value"):
         assert back[key] == STICK[key], key
     assert back["num_interfaces"] == 1
@@ -49,15 +52,15 @@ def test_usb_device_is_packed_as_the_spec_lays_it_out_and_reads_back():
 
 def test_op_common_headers_match_the_spec():
     # OP_REQ_DEVLIST: version 0x0111, code 0x8005, status 0.
-    assert _usbip.pack_op_common(_usbip.OP_REQ_DEVLIST) == bytes.fromhex("0111 8005 00000000")
-    request = _usbip.pack_import_request("2-1")
+    assert wire.pack_op_common(wire.OP_REQ_DEVLIST) == bytes.fromhex("0111 8005 00000000")
+    request = wire.pack_import_request("2-1")
     assert request[:8] == bytes.fromhex("0111 8003 00000000")
     assert request[8:] == b"2-1" + b"\0" * 29
-    assert _usbip.unpack_op_common(bytes.fromhex("0111 0003 00000004")) == {"version": 0x0111, "code": 0x0003, "status": _usbip.ST_NODEV}
+    assert wire.unpack_op_common(bytes.fromhex("0111 0003 00000004")) == {"version": 0x0111, "code": 0x0003, "status": wire.ST_NODEV}
 
 
 def test_devlist_reply_carries_the_count_then_each_device_and_its_interfaces():
-    reply = _usbip.pack_devlist_reply([STICK])
+    reply = wire.pack_devlist_reply([STICK])
     assert reply[:8] == bytes.fromhex("0111 0005 00000000")
     assert reply[8:12] == (1).to_bytes(4, "big")
     assert reply[12:324] == spec_bytes(STICK)
@@ -73,32 +76,32 @@ ss  0003 004 000 00000000 000000 0-0
 
 
 def test_vhci_status_lines_and_the_free_port_of_the_right_hub():
-    ports = _usbip.parse_vhci_status(VHCI_STATUS)
+    ports = sysfs.parse_vhci_status(VHCI_STATUS)
     assert ports[0] == {"hub": "hs", "port": 0, "status": 6, "speed": 3, "devid": 0x20003, "local_busid": "3-1"}
     assert ports[1]["local_busid"] is None
-    assert _usbip.free_port(ports, _usbip.USB_SPEED_HIGH) == 1
-    assert _usbip.free_port(ports, _usbip.USB_SPEED_SUPER) == 2
+    assert sysfs.free_port(ports, wire.USB_SPEED_HIGH) == 1
+    assert sysfs.free_port(ports, wire.USB_SPEED_SUPER) == 2
     used = [dict(item, status=6) if item["hub"] == "hs" else item for item in ports]
-    with pytest.raises(_usbip.UsbipError, match="No free hs port"):
-        _usbip.free_port(used, _usbip.USB_SPEED_FULL)
+    with pytest.raises(_errors.UsbipError, match="No free hs port"):
+        sysfs.free_port(used, wire.USB_SPEED_FULL)
 
 
 def test_exports_table_is_written_once_and_read_back(tmp_path):
     path = str(tmp_path / "etc" / "exports.json")
-    assert _usbip.read_exports(path) == {"listen": None, "port": 3240, "exports": []}
-    table = {
+    assert table.read_exports(path) == {"listen": None, "port": 3240, "exports": []}
+    written = {
         "listen": "10.77.0.1",
         "port": 3240,
         "exports": [
             {"id": "46f4:0001:KING0001", "importer": "kvm2", "importer_address": "10.77.0.2", "domain": "buildvm", "selector": {"id": "46f4:0001:KING0001"}}
         ],
     }
-    assert _usbip.write_exports(table, path) is True
-    assert _usbip.write_exports(table, path) is False
-    assert _usbip.read_exports(path) == table
+    assert table.write_exports(written, path) is True
+    assert table.write_exports(written, path) is False
+    assert table.read_exports(path) == written
     (tmp_path / "etc" / "exports.json").write_text("{not json")
-    with pytest.raises(_usbip.UsbipError, match="Cannot read the exports table"):
-        _usbip.read_exports(path)
+    with pytest.raises(_errors.UsbipError, match="Cannot read the exports table"):
+        table.read_exports(path)
 
 
 @pytest.fixture
@@ -112,9 +115,9 @@ def exporter(tmp_path):
 def test_exporter_offers_the_declared_peer_its_device(exporter):
     served, port, lines, _base = exporter
     assert served.bound == {"2-1": served.table["exports"][0]}
-    offered = _usbip.remote_devices("127.0.0.1", port)
+    offered = wire.remote_devices("127.0.0.1", port)
     assert [(device["busid"], device["vendor_id"], device["product_id"], device["speed"], device["devid"]) for device in offered] == [
-        ("2-1", "46f4", "0001", _usbip.USB_SPEED_SUPER, 0x20003)
+        ("2-1", "46f4", "0001", wire.USB_SPEED_SUPER, 0x20003)
     ]
     assert offered[0]["interfaces"] == [(0x08, 0x06, 0x50)]
     assert lines == ["loaded 1 export(s) from %s" % served.path, "listening on 127.0.0.1:%d" % port]
@@ -123,11 +126,11 @@ def test_exporter_offers_the_declared_peer_its_device(exporter):
 def test_exporter_hands_the_socket_of_an_import_to_the_kernel_file(exporter):
     served, port, lines, base = exporter
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(_usbip.pack_import_request("2-1"))
-    header = _usbip.unpack_op_common(_usbip._receive(sock, 8))
-    device = _usbip.unpack_usb_device(_usbip._receive(sock, 312))
+    sock.sendall(wire.pack_import_request("2-1"))
+    header = wire.unpack_op_common(wire.receive(sock, 8))
+    device = wire.unpack_usb_device(wire.receive(sock, 312))
     sock.close()
-    assert header == {"version": 0x0111, "code": _usbip.OP_REP_IMPORT, "status": _usbip.ST_OK}
+    assert header == {"version": 0x0111, "code": wire.OP_REP_IMPORT, "status": wire.ST_OK}
     assert device["busid"] == "2-1" and device["devid"] == 0x20003
     # The stand-in file received a descriptor number, as the kernel's usbip_sockfd would.
     assert (base / "usbip_sockfd").read_text().strip().isdigit()
@@ -137,10 +140,10 @@ def test_exporter_hands_the_socket_of_an_import_to_the_kernel_file(exporter):
 def test_exporter_refuses_an_import_of_a_device_not_exported(exporter):
     _served, port, lines, _base = exporter
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(_usbip.pack_import_request("1-1"))
-    header = _usbip.unpack_op_common(_usbip._receive(sock, 8))
+    sock.sendall(wire.pack_import_request("1-1"))
+    header = wire.unpack_op_common(wire.receive(sock, 8))
     sock.close()
-    assert header["status"] == _usbip.ST_NODEV
+    assert header["status"] == wire.ST_NODEV
     assert lines[-1] == "refused the import of 1-1 by 127.0.0.1: not exported to it"
 
 
@@ -150,7 +153,7 @@ def test_exporter_closes_a_connection_from_another_address_at_once(exporter):
     sock = socket.socket()
     sock.bind(("127.0.0.2", 0))
     sock.connect(("127.0.0.1", port))
-    sock.sendall(_usbip.pack_op_common(_usbip.OP_REQ_DEVLIST))
+    sock.sendall(wire.pack_op_common(wire.OP_REQ_DEVLIST))
     try:
         answer = sock.recv(8)
     except ConnectionResetError:
@@ -162,18 +165,18 @@ def test_exporter_closes_a_connection_from_another_address_at_once(exporter):
 
 def test_importer_errors_name_the_address_and_port(exporter):
     _served, port, _lines, _base = exporter
-    with pytest.raises(_usbip.UsbipError, match=r"Cannot reach 127\.0\.0\.1:%d: connection refused" % (port + 1)):
-        _usbip.remote_devices("127.0.0.1", port + 1)
+    with pytest.raises(_errors.UsbipError, match=r"Cannot reach 127\.0\.0\.1:%d: connection refused" % (port + 1)):
+        wire.remote_devices("127.0.0.1", port + 1)
 
 
 def test_offered_device_matches_selectors_by_id_port_and_vendor_product():
     offered = dict(STICK, devid=0x20003)
-    assert _usbip.offered_matches({"id": "46f4:0001:KING0001"}, offered)
-    assert _usbip.offered_matches({"id": "46f4:0001@2-1"}, offered)
-    assert not _usbip.offered_matches({"id": "46f4:0001@2-2"}, offered)
-    assert _usbip.offered_matches({"vendor_id": "46f4", "product_id": "0001", "port": "2-1"}, offered)
-    assert not _usbip.offered_matches({"vendor_id": "0627"}, offered)
-    assert _usbip.offered_matches({"address": "002:003"}, offered)
+    assert wire.offered_matches({"id": "46f4:0001:KING0001"}, offered)
+    assert wire.offered_matches({"id": "46f4:0001@2-1"}, offered)
+    assert not wire.offered_matches({"id": "46f4:0001@2-2"}, offered)
+    assert wire.offered_matches({"vendor_id": "46f4", "product_id": "0001", "port": "2-1"}, offered)
+    assert not wire.offered_matches({"vendor_id": "0627"}, offered)
+    assert wire.offered_matches({"address": "002:003"}, offered)
     assert struct.calcsize(">256s32sIIIHHHBBBBBB") == 312
 
 
@@ -183,8 +186,8 @@ def test_ensure_import_says_when_the_exporter_offers_no_such_device(exporter, tm
     vhci = tmp_path / "platform" / "vhci_hcd.0"
     vhci.mkdir(parents=True)
     (vhci / "status").write_text(VHCI_STATUS.replace(" 006 003 00020003 000003 3-1", " 004 000 00000000 000000 0-0"))
-    with pytest.raises(_usbip.UsbipError) as raised:
-        _usbip.ensure_import("kvm1", "127.0.0.1", {"id": "abcd:0001:NOPE"}, port=port, vhci=str(vhci), directory=str(tmp_path / "imports"))
+    with pytest.raises(_errors.UsbipError) as raised:
+        importer.ensure_import("kvm1", "127.0.0.1", {"id": "abcd:0001:NOPE"}, port=port, vhci=str(vhci), directory=str(tmp_path / "imports"))
     assert str(raised.value) == (
         "kvm1 (127.0.0.1:%d) offers this host no device matching (id=abcd:0001:NOPE): not plugged in there, or not exported to this host;"
         " it offers: 2-1 46f4:0001" % port
@@ -194,11 +197,11 @@ def test_ensure_import_says_when_the_exporter_offers_no_such_device(exporter, tm
 def test_the_importer_gives_an_export_back_and_the_exporter_drops_it(exporter, tmp_path):
     served, port, lines, _base = exporter
     # Nothing of the kind is exported to this peer: the table stays as it is.
-    assert _usbip.give_back_export("127.0.0.1", "1-1", port) is False
+    assert wire.give_back_export("127.0.0.1", "1-1", port) is False
     assert lines[-1] == "127.0.0.1 gave back 1-1, which is not exported to it"
-    assert len(_usbip.read_exports(served.path)["exports"]) == 1
-    assert _usbip.give_back_export("127.0.0.1", "2-1", port) is True
-    assert _usbip.read_exports(served.path)["exports"] == []
+    assert len(table.read_exports(served.path)["exports"]) == 1
+    assert wire.give_back_export("127.0.0.1", "2-1", port) is True
+    assert table.read_exports(served.path)["exports"] == []
     assert served.bound == {}
     assert "2-1 (46f4:0001:KING0001) given back by kvm2 (127.0.0.1), domain buildvm: export removed" in lines
     # The device went back to its own driver: usbip-host's unbind, then the driver probe (stand-in files here).
@@ -210,7 +213,7 @@ def test_the_importer_gives_an_export_back_and_the_exporter_drops_it(exporter, t
 def test_an_import_without_vhci_hcd_says_which_module_is_missing(tmp_path):
     # A tree of the test's own: load_vhci never runs modprobe for anything but the real sysfs.
     vhci = tmp_path / "platform" / "vhci_hcd.0"
-    with pytest.raises(_usbip.UsbipError, match=r"vhci-hcd is not loaded"):
-        _usbip.load_vhci(str(vhci))
+    with pytest.raises(_errors.UsbipError, match=r"vhci-hcd is not loaded"):
+        sysfs.load_vhci(str(vhci))
     vhci.mkdir(parents=True)
-    assert _usbip.load_vhci(str(vhci)) is False
+    assert sysfs.load_vhci(str(vhci)) is False

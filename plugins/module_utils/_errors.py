@@ -1,0 +1,40 @@
+# Copyright (c) 2026, kvmhost.usb contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""The collection's errors, one class per kind of failure. Each message says what failed and where; the modules
+report them as they are (``_module.ERRORS``). This file imports nothing of the collection, so that every other
+one can raise them."""
+
+from __future__ import annotations
+
+
+class SelectorError(ValueError):
+    """A selector is malformed, matches nothing, or matches more than one device."""
+
+
+class HostError(Exception):
+    """The host could not be read; the message says what and where."""
+
+
+class LibvirtError(Exception):
+    """libvirt could not be reached or refused an operation; the message is libvirt's."""
+
+
+class UsbipError(Exception):
+    """An export or import could not be made; the message says which host, address and device."""
+
+
+class PassthroughError(Exception):
+    """A change that must not or could not be made; the message says what was left changed, if anything."""
+
+
+class ExportError(PassthroughError):
+    """An export that must not be made; nothing was changed."""
+
+
+class ControllerError(Exception):
+    """The change cannot or could not be made; ``changed`` says whether something was changed before."""
+
+    def __init__(self, message, changed=False):
+        super().__init__(message)
+        self.changed = changed
