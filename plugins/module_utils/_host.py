@@ -39,7 +39,6 @@ import copy
 
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote
 
 from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration, _intent, _libvirt, _usb
 from ansible_collections.kvmhost.usb.plugins.module_utils._errors import HostError, SelectorError
@@ -126,17 +125,12 @@ def absent_device(device_id: str) -> dict:
 
 def entry_serial(entry: dict) -> str | None:
     """The serial an intent entry recorded, or the one its serial-based id carries."""
-    if entry.get("serial"):
-        return entry["serial"]
-    match = _declaration.DEVICE_ID.match(entry["id"])
-    return unquote(match.group(3)) if match and match.group(3) else None
+    return entry.get("serial") or _usb.id_fields(entry["id"]).get("serial")
 
 
 def entry_port(entry: dict) -> str | None:
-    if entry.get("port"):
-        return entry["port"]
-    match = _declaration.DEVICE_ID.match(entry["id"])
-    return match.group(4) if match else None
+    """The port an intent entry recorded, or the one its port-based id carries."""
+    return entry.get("port") or _usb.id_fields(entry["id"]).get("port")
 
 
 def new_entry(device: dict, selector: dict) -> dict:
