@@ -217,3 +217,16 @@ def test_an_import_without_vhci_hcd_says_which_module_is_missing(tmp_path):
         sysfs.load_vhci(str(vhci))
     vhci.mkdir(parents=True)
     assert sysfs.load_vhci(str(vhci)) is False
+
+
+def test_an_import_is_told_by_one_rule_its_host_by_name_else_by_address_and_port_and_its_device_by_its_id():
+    record = {"vhci_port": 0, "host": "kvm2", "link_address": "10.77.0.2", "port": 3240, "busid": "2-1", "id": "46f4:0001:KING0001"}
+    assert importer.is_import_of(record, {"host": "kvm2", "id": "46f4:0001:KING0001"})
+    # The host's name decides when both name one: kvm3 at the same address is another host.
+    assert not importer.is_import_of(record, {"host": "kvm3", "link_address": "10.77.0.2", "id": "46f4:0001:KING0001"})
+    assert not importer.is_import_of(record, {"host": "kvm2", "id": "46f4:0001:OTHER"})
+    # Without a host name (an intent entry written before hosts were recorded), its address and port do.
+    unnamed = dict(record, host=None)
+    assert importer.is_import_of(unnamed, {"link_address": "10.77.0.2", "id": "46f4:0001:KING0001"})
+    assert not importer.is_import_of(unnamed, {"link_address": "10.77.0.2", "link_port": "3241", "id": "46f4:0001:KING0001"})
+    assert importer.find_import([dict(record, id="46f4:0001:OTHER"), record], {"host": "kvm2", "id": "46f4:0001:KING0001"}) is record
