@@ -152,7 +152,10 @@ class RuntimeManager:
             try:
                 ipaddress.ip_address(address)
             except ValueError:
-                self.module.fail_json(msg="import_addresses: %r is not an IP address (the link address of an exporting host)" % address)
+                self.module.fail_json(
+                    msg="import_addresses: %r is not an IP address. The agent's unit admits TCP to the exporting hosts by address"
+                    " (the passthrough role takes each from that host's usb_link_address, else its ansible_host)." % address
+                )
         if not params["uri"] or any(character.isspace() for character in params["uri"]):
             self.module.fail_json(msg="uri: %r is not a libvirt URI (it must not be empty or hold white space)" % params["uri"])
         if not os.path.isabs(params["python"]) or any(character.isspace() for character in params["python"]):
