@@ -359,9 +359,11 @@ class HostModel:
 
     # How the host differs from a declared state
 
-    def drift(self, declared: dict | None = None, topology: list | None = None) -> dict:
+    def drift(self, declared: dict | None = None, topology: list | None = None, inventory: bool = True) -> dict:
         """What the host has and where it differs from ``declared`` (domain name to ``devices`` and
-        ``exclusive``) and from the domains' own intent: what probe.yml and report.yml show."""
+        ``exclusive``) and from the domains' own intent: what probe.yml and report.yml show. Without ``inventory``
+        the report leaves out what the host has (``devices``, ``tree`` and the summary's ``present``), which
+        usb_facts gives: only how it differs."""
         declared = declared or {}
         report = dict((key, []) for key in DRIFT)
         entries = {}
@@ -471,6 +473,10 @@ class HostModel:
         report["unclaimed"] = [item["id"] for item in report["devices"] if "unclaimed" in item["flags"]]
         report["drift"] = any(report[key] for key in DRIFT)
         report["summary"] = _summary(report)
+        if not inventory:
+            for key in ("devices", "tree"):
+                del report[key]
+            del report["summary"]["present"]
         return report
 
     def recorded(self, domain: Domain, selector: dict) -> tuple[dict, dict | None] | None:

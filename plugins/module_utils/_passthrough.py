@@ -52,10 +52,12 @@ def _device_key(device: dict) -> Any:
 
 
 class Planner:
-    def __init__(self, conn: Any, uri: str, check_mode: bool) -> None:
+    def __init__(self, conn: Any, uri: str, check_mode: bool, diff: bool = False) -> None:
         self.conn = conn
         self.uri = uri
         self.check_mode = check_mode
+        # The before and after of the touched domains are rendered only for --diff.
+        self.want_diff = diff
         self.context = _usb.pyudev.Context()
         self.model = HostModel([], [])
         self.devices = []
@@ -423,7 +425,9 @@ class Planner:
 
     # Reporting
 
-    def diff(self, domains: list[Domain]) -> dict:
+    def diff(self, domains: list[Domain]) -> dict | None:
+        if not self.want_diff:
+            return None
         return {
             "before": "".join(_render(domain, domain.before) for domain in domains),
             "after": "".join(_render(domain, domain.configs) for domain in domains),
@@ -531,7 +535,7 @@ class Planner:
             self.imports.prepare([(name, selector) for name, settings in declaration.items() for selector in settings["devices"]])
             self.enumerate()
             self.load_domains()
-            drift = self.model.drift(declaration, _usb.build_topology(self.devices))
+            drift = self.model.drift(declaration, inventory=False)
             try:
                 wanted = self.plan_declaration(declaration, steal=steal, whole_host=whole_host, allow_host_critical=allow_host_critical)
                 self.plan_dropped_imports(wanted)

@@ -193,7 +193,7 @@ def main():
 
     def attach(conn):
         selectors = _declaration.normalize_selectors(params["devices"], allow_empty=params["exclusive"])
-        return _passthrough.Planner(conn, params["uri"], module.check_mode).attach(
+        return _passthrough.Planner(conn, params["uri"], module.check_mode, module._diff).attach(
             params["domain"],
             selectors,
             persistent=params["persistent"],

@@ -128,7 +128,7 @@ def main():
 
     def detach(conn):
         selectors = _declaration.normalize_selectors(params["devices"])
-        return _passthrough.Planner(conn, params["uri"], module.check_mode).detach(params["domain"], selectors, auto_start=params["auto_start"])
+        return _passthrough.Planner(conn, params["uri"], module.check_mode, module._diff).detach(params["domain"], selectors, auto_start=params["auto_start"])
 
     _module.run(module, detach)
 

@@ -153,8 +153,9 @@ domains:
       elements: str
 drift:
   description:
-    - How the host differed from the declaration and from its domains' intent when the run began; the same report as the
-      P(kvmhost.usb.usb_drift#filter) filter gives from facts (see there for every key).
+    - How the host differed from the declaration and from its domains' intent when the run began; the report the
+      P(kvmhost.usb.usb_drift#filter) filter gives from facts (see there for every key), without what the host has
+      (its C(devices), C(tree) and the summary's C(present)), which M(kvmhost.usb.usb_facts) reports.
     - Also returned when the declaration is refused, so a probe can report it.
   returned: always
   type: dict
@@ -195,7 +196,7 @@ def main():
     params = module.params
     _module.run(
         module,
-        lambda conn: _passthrough.Planner(conn, params["uri"], module.check_mode).converge(
+        lambda conn: _passthrough.Planner(conn, params["uri"], module.check_mode, module._diff).converge(
             params["domains"], steal=params["steal"], whole_host=params["whole_host"], allow_host_critical=params["allow_host_critical"]
         ),
     )

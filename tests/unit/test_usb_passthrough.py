@@ -8,8 +8,11 @@ pass. Swaps between running guests are on the test host (tests/integration/test_
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from tests.lib import bigtree
 from tests.lib.domain_xml import hostdev, hostdevs, intent, metadata
 from tests.lib.modrun import attach, failed, run_module
 from tests.lib.trees import KINGSTON, KINGSTON_ID, REFERENCE, TWINS, hid
@@ -286,3 +289,21 @@ def test_an_undeclared_domain_is_left_alone_but_for_a_hostdev_a_twin_made_ambigu
     assert hostdevs(domains.inactive(names["aside"])) == [hostdev("0951", "1666", 2, 2)]
     again = converge(declared, clash)
     assert again["changed"] is False and ours(again["drift"]["unstartable"], names["aside"]) == []
+
+
+def test_at_200_devices_the_result_says_how_the_host_differs_not_all_it_has_and_the_diff_only_for_diff(domains):
+    devices = bigtree.fleet_host(200)
+    name = domains.define("pt-200")
+    leaf = next(device for device in devices if device.get("serial") and device.get("device_class", "00") != "09" and "." in device["port"])
+    declared = {name: {"devices": [{"port": leaf["port"]}]}}
+    done = converge(declared, devices)
+    assert done["rc"] == 0 and done["changed"], done
+    assert "diff" not in done
+    # The drift lists what differs; the 200 devices themselves are usb_facts' to report.
+    assert not {"devices", "tree"} & set(done["drift"]) and "present" not in done["drift"]["summary"]
+    assert len(json.dumps(done["drift"])) < 10000, len(json.dumps(done["drift"]))
+    again = converge(declared, devices, diff=True, check_mode=True)
+    assert again["changed"] is False and again["diff"]["before"] == again["diff"]["after"]
+    # Dropped from the declaration with --diff: the diff shows the hostdev going.
+    dropped = converge({name: {"devices": []}}, devices, diff=True, args={"whole_host": False})
+    assert name in dropped["diff"]["before"] and "hostdev" in dropped["diff"]["before"]
