@@ -23,7 +23,6 @@ stick back and removes its guests, so the next test finds the default topology.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -31,32 +30,23 @@ import pytest
 from tests.lib.midchange import DRIVER, PausedRun
 from tests.testhost import TestHost
 from tests.testhost.ansible import run_module
+from tests.testhost.code import ship_script
 from tests.testhost.devices import STICK
 from tests.testhost.guest import bound_in_guest, hostdev_sources, virsh
 
 SERIAL = "KING0001"
 REMOTE = "/root/kvmhost-usb-midchange"
-MODULE_UTILS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(DRIVER)))), "plugins", "module_utils")
-PLANNER_FILES = ("_crosshost.py", "_host.py", "_intent.py", "_libvirt.py", "_mounts.py", "_passthrough.py", "_usb.py", "_usbip.py")
 
 
 @pytest.fixture(scope="module")
 def driver(testhost: TestHost) -> str:
-    """The driver and the planner's module_utils on the test host, as an importable ansible_collections tree."""
-    package = REMOTE + "/ansible_collections/kvmhost/usb/plugins/module_utils"
-    testhost.ssh("rm", "-rf", REMOTE)
-    testhost.ssh("mkdir", "-p", package)
-    for name in PLANNER_FILES:
-        with open(os.path.join(MODULE_UTILS, name)) as handle:
-            testhost.ssh("tee", package + "/" + name, input=handle.read())
-    with open(DRIVER) as handle:
-        testhost.ssh("tee", REMOTE + "/midchange_driver.py", input=handle.read())
-    return REMOTE
+    """The driver and the module_utils it imports on the test host, as an importable ansible_collections tree."""
+    return ship_script(testhost, REMOTE, DRIVER)
 
 
-def start(host: TestHost, operation: str, args: dict, pause: str = "execute") -> PausedRun:
+def start(host: TestHost, driver: str, operation: str, args: dict, pause: str = "execute") -> PausedRun:
     argument = json.dumps({"operation": operation, "args": args, "pause": pause, "uri": "qemu:///system"})
-    return PausedRun(host.ssh_command(["env", "PYTHONPATH=" + REMOTE, "python3", REMOTE + "/midchange_driver.py", argument]))
+    return PausedRun(host.ssh_command(["env", "PYTHONPATH=" + REMOTE, "python3", driver, argument]))
 
 
 @pytest.fixture
@@ -64,7 +54,7 @@ def runs(testhost: TestHost, driver: str) -> Iterator:
     started: list[PausedRun] = []
 
     def run(operation: str, args: dict, pause: str = "execute") -> PausedRun:
-        started.append(start(testhost, operation, args, pause))
+        started.append(start(testhost, driver, operation, args, pause))
         return started[-1]
 
     yield run
