@@ -8,8 +8,8 @@ longer exported, and listens on the host's link address only. A peer is answered
 address; a connection from any other address is closed at once. An accepted import hands the socket to the kernel
 (``usbip_sockfd``), as usbipd does.
 
-``main`` is its command line (``python3 -m ansible_collections.kvmhost.usb.plugins.module_utils._usbip serve``), with
-``list`` (what an exporter offers this host) and ``imports`` (this host's imports) beside ``serve``.
+``main`` is its command line, run by the host runtime as ``kvmhost-usb exporter serve``, with ``list`` (what an
+exporter offers this host) and ``imports`` (this host's imports) beside ``serve``.
 """
 
 from __future__ import annotations
