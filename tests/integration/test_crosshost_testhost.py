@@ -11,7 +11,6 @@ The two-host tests live in this module of their own: they are the longest of the
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import time
@@ -23,9 +22,9 @@ import pytest
 from tests.testhost import TestHost
 from tests.testhost.agent import UNIT as AGENT_UNIT
 from tests.testhost.ansible import play_fleet, run_module_on
+from tests.testhost.code import ship_runtime
 from tests.testhost.guest import bound_in_guest, kernel_address
 from tests.testhost.host import PYTEST_PREFIX, owned_name
-from tests.testhost.paths import REPO
 from tests.testhost.pair import A_NAME, B_NAME, MARKER_FILE, STRANGER_ADDRESS, LinkedPair
 
 GUEST = "crossvm"
@@ -37,9 +36,16 @@ EXPORTS = "/etc/kvmhost-usb/exports.json"
 IMPORTS_DIR = "/run/kvmhost-usb/imports"
 VHCI_STATUS = "/sys/devices/platform/vhci_hcd.0/status"
 MARKER = "kvmhost.usb cross-host marker " + secrets.token_hex(8)
-USBIP_SOURCE = os.path.join(REPO, "plugins", "module_utils", "_usbip.py")
 SMOKE_DIR = "/root/usbip-smoke"
+SMOKE_PROGRAM = SMOKE_DIR + "/kvmhost-usb.pyz"
+USBIP_PORT = 3240
 SMOKE_UNIT = "usbip-smoke-exporter"
+
+# Run on a test host with the runtime's zipapp on sys.path: print what an importer call returns, as JSON.
+CALL_IMPORTER = (
+    "import json, sys; sys.path.insert(0, %r); "
+    "from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import importer; print(json.dumps(importer.%s))"
+)
 
 # Run on a test host: mount the stick with this serial read-only and print the marker file.
 READ_MARKER = r"""
@@ -195,27 +201,26 @@ def test_link_and_stock_usbip_carry_the_stick(pair: LinkedPair) -> None:
 
 
 def test_the_collections_exporter_and_importer_carry_the_stick_and_refuse_a_stranger(pair: LinkedPair) -> None:
-    """_usbip as it is, below the roles: the exporter run by hand on A, ensure_import / release_import on B."""
-    with open(USBIP_SOURCE) as handle:
-        source = handle.read()
+    """_usbip as it is, below the roles: the runtime's exporter run by hand on A, ensure_import / release_import on B."""
     for host in (pair.a, pair.b):
-        host.ssh("sh", "-c", "mkdir -p %s && cat > %s/_usbip.py" % (SMOKE_DIR, SMOKE_DIR), input=source)
+        ship_runtime(host, SMOKE_PROGRAM)
     pair.a.ssh("modprobe", "usbip-host")
     pair.b.ssh("modprobe", "vhci-hcd")
-    table = {"listen": pair.a_address, "port": 3240, "exports": [
+    table = {"listen": pair.a_address, "port": USBIP_PORT, "exports": [
         {"id": STICK, "selector": {"id": STICK}, "importer": B_NAME, "importer_address": pair.b_address, "domain": GUEST}]}
     pair.a.ssh("sh", "-c", "cat > %s/exports.json" % SMOKE_DIR, input=json.dumps(table))
-    pair.a.ssh("systemd-run", "--unit", SMOKE_UNIT, "--", "python3", SMOKE_DIR + "/_usbip.py", "serve", "--exports", SMOKE_DIR + "/exports.json")
+    pair.a.ssh("systemd-run", "--unit", SMOKE_UNIT, "--", "python3", SMOKE_PROGRAM, "exporter", "serve", "--exports", SMOKE_DIR + "/exports.json")
     port = stick_port(pair)
     try:
         pair.a.wait_usb(lambda devices: driver_of(pair.a, port) == "usbip-host", timeout=30)
-        importer = "import json, sys; sys.path.insert(0, %r); import _usbip; print(json.dumps(_usbip.%s))"
-        record = json.loads(pair.b.ssh("python3", "-c", importer % (SMOKE_DIR, "ensure_import(%r, %r, {'id': %r})" % (A_NAME, pair.a_address, STICK))).stdout)
+        ensure = "ensure_import(%r, %r, {'id': %r}, port=%d)" % (A_NAME, pair.a_address, STICK, USBIP_PORT)
+        record = json.loads(pair.b.ssh("python3", "-c", CALL_IMPORTER % (SMOKE_PROGRAM, ensure)).stdout)
         assert (record["host"], record["busid"], record["id"]) == (A_NAME, port, STICK), record
         assert read_marker(pair.b) == MARKER
         assert pair.probe(STRANGER_ADDRESS)["outcome"] == "closed"
         assert pair.probe(pair.b_address)["outcome"] == "answered"
-        assert json.loads(pair.b.ssh("python3", "-c", importer % (SMOKE_DIR, "release_import(%r, %r, %r)" % (A_NAME, pair.a_address, STICK))).stdout) is True
+        release = "release_import(%r, %r, {'id': %r}, port=%d)" % (A_NAME, pair.a_address, STICK, USBIP_PORT)
+        assert json.loads(pair.b.ssh("python3", "-c", CALL_IMPORTER % (SMOKE_PROGRAM, release)).stdout) is True
         wait_gone_from_b(pair)
         lines = pair.a.ssh("journalctl", "-u", SMOKE_UNIT, "-o", "cat", "--no-pager").stdout.splitlines()
         assert "refused connection from %s: no export is declared for it" % STRANGER_ADDRESS in lines, lines
