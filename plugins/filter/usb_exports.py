@@ -130,6 +130,19 @@ def _exports_of(hostvars, host, hosts):
     return exports, conflicts
 
 
+def _unknown_hosts(hostvars, host):
+    """A sentence for each selector of ``host`` that names a host the inventory does not have."""
+    unknown = []
+    for domain, settings in sorted(_declared(hostvars, host).items()):
+        for selector in _selectors(settings):
+            if isinstance(selector, dict) and selector.get("host") and str(selector["host"]) not in hostvars:
+                unknown.append(
+                    "usb_passthrough.%s of %s: host %s is not in the inventory. A selector's host is the inventory name of the KVM"
+                    " host the device is plugged into." % (domain, host, selector["host"])
+                )
+    return unknown
+
+
 def _import_addresses(hostvars, host):
     """The link addresses of the hosts ``host`` imports devices from (its selectors with ``host``, or with
     ``link_address``)."""
@@ -142,7 +155,9 @@ def _import_addresses(hostvars, host):
                 address = str(selector["link_address"])
             elif selector.get("host") and str(selector["host"]) != host:
                 exporter = str(selector["host"])
-                address = link_address(hostvars, exporter) if exporter in hostvars else exporter
+                if exporter not in hostvars:
+                    continue  # a conflict (_unknown_hosts): the role stops before this is used
+                address = link_address(hostvars, exporter)
             else:
                 continue
             if address not in addresses:
@@ -159,6 +174,7 @@ def usb_exports(hostvars, host, hosts):
     for other in hosts:
         if other != host:
             conflicts.extend(_exports_of(hostvars, other, hosts)[1])
+        conflicts.extend(_unknown_hosts(hostvars, other))
     return {"exports": exports, "conflicts": conflicts, "link_address": link_address(hostvars, host), "import_addresses": _import_addresses(hostvars, host)}
 
 

@@ -348,6 +348,21 @@ def test_role_refuses_a_device_declared_here_and_exported_naming_both(tmp_path, 
     assert domains.snapshot() == before
 
 
+def test_role_refuses_a_host_not_in_the_inventory_before_anything_changes(tmp_path, domains):
+    name = domains.define("xhost-unknown")
+    before = domains.snapshot()
+    hosts = {
+        "kvm1": {"usb_link_address": "10.77.0.1"},
+        "kvm2": {"usb_link_address": "10.77.0.2", "usb_passthrough": {name: {"devices": [{"host": "kvm9", "id": KINGSTON_ID}]}}},
+    }
+    process = run_playbook(tmp_path, hosts, None, roles=["kvmhost.usb.passthrough"], play_hosts="all")
+    assert process.returncode != 0
+    assert sorted(re.findall(r"^fatal: \[(\w+)\]", process.stdout, re.M)) == ["kvm1", "kvm2"], process.stdout + process.stderr
+    assert "usb_passthrough.%s of kvm2: host kvm9 is not in the inventory." % name in process.stdout
+    assert "TASK [kvmhost.usb.passthrough : Install or remove the host runtime (kvmhost-usb)]" not in process.stdout
+    assert domains.snapshot() == before
+
+
 def reported(process, host):
     """What the passthrough role's "Report what changed" printed for ``host``."""
     block = process.stdout.split("TASK [kvmhost.usb.passthrough : Report what changed]", 1)[1]
