@@ -195,7 +195,9 @@ After=systemd-udevd.service network-online.target
 Wants=network-online.target
 
 [Service]
-Type=simple
+# Ready once it listens: `systemctl restart` returns then, so an importer's next task finds it serving.
+Type=notify
+NotifyAccess=main
 ExecStartPre=+/sbin/modprobe usbip-host
 ExecStart={python} {program} exporter serve
 ExecReload=/bin/kill -HUP $MAINPID

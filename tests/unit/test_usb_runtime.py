@@ -118,7 +118,8 @@ def test_one_task_installs_the_program_its_units_and_starts_the_services(host):
     agent_unit = host.file(AGENT_UNIT).read_text()
     assert "ExecStart=/usr/bin/python3 %s agent --uri qemu:///system --period 60" % PROGRAM in agent_unit
     assert "IPAddressAllow=10.77.0.1" in agent_unit and "ExecStartPre=+/sbin/modprobe vhci-hcd" in agent_unit
-    assert "ExecStart=/usr/bin/python3 %s exporter serve" % PROGRAM in host.file(EXPORTER_UNIT).read_text()
+    exporter_unit = host.file(EXPORTER_UNIT).read_text()
+    assert "ExecStart=/usr/bin/python3 %s exporter serve" % PROGRAM in exporter_unit and "Type=notify" in exporter_unit
     assert host.file("/etc/modules-load.d/kvmhost-usb-importer.conf").read_text() == "vhci-hcd\n"
     assert host.file("/etc/modules-load.d/kvmhost-usb-exporter.conf").read_text() == "usbip-host\n"
     # The program runs on a plain Python without Ansible, and says which build it is.

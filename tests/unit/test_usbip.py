@@ -16,6 +16,7 @@ from tests.lib.usbip_exporter import STICK, fake_sysfs, serving
 
 from ansible_collections.kvmhost.usb.plugins.module_utils import _errors  # noqa: E402  (usbip_exporter put it on the path)
 from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import importer, sysfs, table, wire  # noqa: E402
+from ansible_collections.kvmhost.usb.plugins.module_utils._usbip.exporter import notify_ready  # noqa: E402
 
 
 def spec_bytes(device):
@@ -230,3 +231,16 @@ def test_an_import_is_told_by_one_rule_its_host_by_name_else_by_address_and_port
     assert importer.is_import_of(unnamed, {"link_address": "10.77.0.2", "id": "46f4:0001:KING0001"})
     assert not importer.is_import_of(unnamed, {"link_address": "10.77.0.2", "link_port": "3241", "id": "46f4:0001:KING0001"})
     assert importer.find_import([dict(record, id="46f4:0001:OTHER"), record], {"host": "kvm2", "id": "46f4:0001:KING0001"}) is record
+
+
+def test_the_exporter_tells_systemd_it_is_ready_so_a_restart_returns_once_it_serves(tmp_path, monkeypatch):
+    # Its unit is Type=notify: `systemctl restart` (usb_runtime) returns at READY=1, before an importer's next task.
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(path)
+        systemd.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        notify_ready()
+        assert systemd.recv(64) == b"READY=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    notify_ready()  # not under systemd: nothing to tell, and no error

@@ -286,6 +286,7 @@ class Exporter:
         self.log("exporting USB devices over USB/IP, table %s" % self.path)
         last_check = 0.0
         down = None
+        notified = False
         while True:
             now = time.monotonic()
             if now - last_check >= 1.0:
@@ -300,6 +301,10 @@ class Exporter:
                     if down is None:
                         self.log("%s; retrying every 2 s" % error)
                         down = now
+                if not notified:
+                    # systemd (Type=notify) ends `systemctl restart` here: importers may connect from now on.
+                    notify_ready()
+                    notified = True
                 if not reloaded and monitor is None:
                     self.apply()
             for key, _events in self.selector.select(timeout=1.0):
@@ -307,6 +312,21 @@ class Exporter:
 
     def on_hup(self, _signum, _frame):
         self.reload_wanted = True
+
+
+def notify_ready():
+    """Tell systemd the exporter is serving (sd_notify READY=1), when it runs under a Type=notify unit."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.connect(address)
+            notify.sendall(b"READY=1")
+    except OSError as error:
+        log("cannot tell systemd the exporter is ready (%s): %s" % (address, error))
 
 
 def main(argv=None):
