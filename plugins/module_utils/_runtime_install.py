@@ -39,7 +39,7 @@ class RuntimeBuildError(Exception):
     """The runtime cannot be built from this collection (a module it needs is missing from the payload)."""
 
 
-def _imported(name: str, source: str, is_package: bool) -> set:
+def imported(name: str, source: str, is_package: bool) -> set:
     """The collection's module_utils modules that ``source`` (of module ``name``) imports."""
     found = set()
     package = name if is_package else name.rpartition(".")[0]
@@ -84,7 +84,7 @@ def closure(entry: str = ENTRY) -> dict:
         files[name.replace(".", "/") + ("/__init__.py" if is_package else ".py")] = source
         parts = name.split(".")
         todo.extend(".".join(parts[:index]) for index in range(len(PACKAGE.split(".")) + 1, len(parts)))
-        todo.extend(_imported(name, source, is_package))
+        todo.extend(imported(name, source, is_package))
     for index in range(1, len(PACKAGE.split(".")) + 1):
         files.setdefault("/".join(PACKAGE.split(".")[:index]) + "/__init__.py", "")
     return files
@@ -312,19 +312,6 @@ def describe(content: bytes | str | None, program: bool) -> str:
 
 def old_tree(root: str) -> bool:
     return os.path.isdir(root + OLD_TREE)
-
-
-def remove_old_tree(root: str) -> None:
-    for directory, subdirectories, names in os.walk(root + OLD_TREE, topdown=False):
-        for name in names:
-            os.unlink(os.path.join(directory, name))
-        for name in subdirectories:
-            path = os.path.join(directory, name)
-            if os.path.islink(path):
-                os.unlink(path)
-            else:
-                os.rmdir(path)
-    os.rmdir(root + OLD_TREE)
 
 
 # Keep the import used: the program's entry is what ``closure`` starts from, and AnsiballZ packs a module's payload

@@ -120,6 +120,7 @@ services:
 
 import ipaddress
 import os
+import shutil
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -176,7 +177,8 @@ class RuntimeManager:
             program, params["state"], params["agent"], params["exporter"], params["uri"], params["agent_period"],
             params["import_addresses"], params["python"],
         )
-        changed_files = [name for name, item in files.items() if item.current(self.root) != item.wanted()]
+        current = dict((name, item.current(self.root)) for name, item in files.items())
+        changed_files = [name for name, item in files.items() if current[name] != item.wanted()]
         for name in changed_files:
             item = files[name]
             self.changes.append(("write the %s" % name) if item.wanted() is not None else ("remove the %s" % name))
@@ -184,7 +186,7 @@ class RuntimeManager:
                 is_program = name == "program"
                 self.diff.append(dict(
                     before_header=item.path, after_header=item.path,
-                    before=_runtime_install.describe(item.current(self.root), is_program),
+                    before=_runtime_install.describe(current[name], is_program),
                     after=_runtime_install.describe(item.wanted(), is_program),
                 ))
         old_tree = _runtime_install.old_tree(self.root)
@@ -192,9 +194,9 @@ class RuntimeManager:
             self.changes.append("remove the agent's code of collection 0.1.0 (%s)" % _runtime_install.OLD_TREE)
 
         services = {}
+        to_enable = []
         for role, unit in _runtime.SERVICES.items():
-            unit_file = files["%s unit" % role]
-            installed = unit_file.current(self.root) is not None
+            installed = current["%s unit" % role] is not None
             state = self.show(unit) if installed else {}
             active = state.get("ActiveState") in ("active", "activating", "reloading")
             action = "none"
@@ -202,24 +204,25 @@ class RuntimeManager:
                 if "program" in changed_files or "%s unit" % role in changed_files or not active:
                     action = "restart"
                 if state.get("UnitFileState") != "enabled":
+                    to_enable.append(unit)
                     self.changes.append("enable %s" % unit)
             elif installed:
                 action = "stop"
             if action != "none":
                 self.changes.append("%s %s" % (action, unit))
-            services[role] = dict(unit=unit, wanted=wanted[role], action=action, enable=wanted[role] and state.get("UnitFileState") != "enabled")
+            services[role] = dict(unit=unit, wanted=wanted[role], action=action)
 
         if self.changes and not self.module.check_mode:
-            self.apply(files, changed_files, services, old_tree)
+            self.apply(files, changed_files, services, to_enable, old_tree)
         result = dict(
             changed=bool(self.changes), version=program.version, hash=program.hash, path=_runtime_install.PROGRAM,
-            changes=self.changes, services=dict((role, dict((k, v) for k, v in item.items() if k != "enable")) for role, item in services.items()),
+            changes=self.changes, services=services,
         )
         if self.module._diff:
             result["diff"] = self.diff
         self.module.exit_json(**result)
 
-    def apply(self, files, changed_files, services, old_tree):
+    def apply(self, files, changed_files, services, to_enable, old_tree):
         for item in services.values():
             if item["action"] == "stop":
                 self.systemctl_run("disable", "--now", item["unit"])
@@ -229,11 +232,11 @@ class RuntimeManager:
             else:
                 files[name].write(self.root)
         if old_tree:
-            _runtime_install.remove_old_tree(self.root)
+            shutil.rmtree(self.root + _runtime_install.OLD_TREE)
         if any(name.endswith(" unit") for name in changed_files):
             self.systemctl_run("daemon-reload")
         for item in services.values():
-            if item["enable"]:
+            if item["unit"] in to_enable:
                 self.systemctl_run("enable", item["unit"])
             if item["action"] == "restart":
                 self.systemctl_run("restart", item["unit"])

@@ -32,7 +32,7 @@ def ship_script(host, directory: str, script: str) -> str:
     with open(script) as handle:
         source = handle.read()
     files = {}
-    for name in sorted(_runtime_install._imported("__main__", source, False)):
+    for name in sorted(_runtime_install.imported("__main__", source, False)):
         files.update(_runtime_install.closure(name))
     name = script.rsplit("/", 1)[-1]
     files[name] = source
