@@ -10,6 +10,7 @@ these tests waits that long, so whatever the agent does here, an event or a reco
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -165,16 +166,30 @@ def test_agent_started_while_libvirtd_is_down(agent: TestHost, stick: str) -> No
     assert_converged(agent, stick, new)
 
 
-KILL_IN_A_PASS = """
-pid=$(systemctl show -P MainPID %(unit)s)
-for _ in $(seq 600); do
-    inode=$(stat -c %%i %(lock)s 2>/dev/null)
-    if [ -n "$inode" ] && grep -Eq "FLOCK +ADVISORY +WRITE +$pid +[0-9a-f]+:[0-9a-f]+:$inode " /proc/locks; then
-        kill -KILL "$pid"; echo "$pid"; exit 0
-    fi
-    sleep 0.02
-done
-exit 1
+# Started before the replug, so that no pass can end before it looks; it polls /proc/locks in one process (a shell
+# loop forking stat and grep fell behind on a busy machine). Prints "watching", then the PID it killed.
+KILL_IN_A_PASS = r"""
+import os, subprocess, sys, time
+unit, lock = sys.argv[1], sys.argv[2]
+pid = subprocess.run(["systemctl", "show", "-P", "MainPID", unit], capture_output=True, text=True, check=True).stdout.strip()
+print("watching", flush=True)
+deadline = time.monotonic() + 150
+while time.monotonic() < deadline:
+    try:
+        inode = os.stat(lock).st_ino
+    except OSError:
+        inode = None
+    if inode is not None:
+        with open("/proc/locks") as locks:
+            for line in locks:
+                # "1: FLOCK  ADVISORY  WRITE 1234 00:19:5678 0 EOF" (a waiter's line has "->" after the number)
+                fields = line.split()
+                if fields[1:5] == ["FLOCK", "ADVISORY", "WRITE", pid] and fields[5].rsplit(":", 1)[-1] == str(inode):
+                    os.kill(int(pid), 9)
+                    print(pid, flush=True)
+                    sys.exit(0)
+    time.sleep(0.002)
+sys.exit(1)
 """
 
 
@@ -183,9 +198,13 @@ def test_agent_killed_in_the_middle_of_a_pass_is_restarted_and_finishes_it(agent
     # it is killed in the middle of the pass the replug started.
     start = len(journal(agent))
     before = agent.ssh("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip()
-    agent.replug("stick")
-    killed = agent.ssh("sh", "-c", KILL_IN_A_PASS % {"unit": UNIT, "lock": LOCK}, timeout=60).stdout.strip()
-    assert killed == before
+    command = agent.ssh_command(["python3", "-c", KILL_IN_A_PASS, UNIT, LOCK])
+    with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as watcher:
+        assert watcher.stdout.readline().strip() == "watching"
+        agent.replug("stick")
+        killed, errors = watcher.communicate(timeout=180)
+    assert watcher.returncode == 0, errors
+    assert killed.strip() == before
     wait_journal(agent, start, r"^watching USB devices")
     restarted = monotonic_property(agent, UNIT, "ExecMainStartTimestampMonotonic")
     assert agent.ssh("systemctl", "show", "-P", "MainPID", UNIT).stdout.strip() != before
