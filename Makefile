@@ -9,7 +9,7 @@ COLLECTIONS := build/collections
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/$(COLLECTIONS)
 
-.PHONY: all setup libvirtd libvirtd-stop collection-link demo test unit sanity lint docs docs-site publish matrix build testhost-image integration integration-crosshost molecule benchmark benchmark-converge benchmark-crosshost benchmark-replug soak clean
+.PHONY: all setup libvirtd libvirtd-stop collection-link demo test unit sanity lint docs docs-site publish matrix build testhost-image integration integration-host integration-crosshost molecule benchmark benchmark-converge benchmark-crosshost benchmark-replug soak clean
 
 # The ansible-core releases besides the project venv's (2.19) that meta/runtime.yml admits (>=2.16) and that
 # run on Python 3.11: `make matrix` runs sanity and the tests that depend on ansible-core on each of them.
@@ -83,12 +83,16 @@ build: setup
 testhost-image: setup
 	$(PY) -m tests.testhost build
 
-# The two linked test hosts (USB/IP between them) also have a target of their own; `make integration` runs them too.
-integration: setup testhost-image
-	$(PY) -m pytest -q --durations=25 tests/integration
+# The real-USB tier: the tests on one test host, then those on the two linked test hosts (USB/IP between them); each
+# part has a target of its own, which make test runs in different lanes.
+CROSSHOST_TESTS := tests/integration/test_crosshost_testhost.py
+integration: integration-host integration-crosshost
+
+integration-host: setup testhost-image
+	$(PY) -m pytest -q --durations=15 --ignore=$(CROSSHOST_TESTS) tests/integration
 
 integration-crosshost: setup testhost-image
-	$(PY) -m pytest -q tests/integration/test_crosshost_testhost.py
+	$(PY) -m pytest -q --durations=10 $(CROSSHOST_TESTS)
 
 # Molecule keeps its state (whether the instance was created) under ~/.ansible/tmp, keyed by the project directory's
 # name alone, which every clone shares: each checkout keeps it in its own build/ (one scenario, so one directory).
@@ -122,17 +126,17 @@ demo: setup
 	$(PY) -m tests.testhost.demo
 
 # The tiers in two lanes at once, each tier a make of its own so that its time counts what it needs (docs-site for
-# publish, the image for integration): the test-host lane (integration, molecule) keeps one core busy with the TCG test
-# hosts and little else, so the other lane (unit to matrix) runs beside it. In each lane the first tier that fails
-# stops that lane; make test fails when either did. The host lane's output follows the test-host lane's; the table of
-# the tiers' wall times and the run's wall time comes last, after a failure too (a failed tier marked).
-HOST_TIERS := unit sanity lint docs publish matrix
-TESTHOST_TIERS := integration molecule
+# publish, the image for the test hosts). Each lane keeps about one core busy: the first runs the tests on one test
+# host; the second the tiers that need no test host (unit to matrix), then the linked pair and molecule. In each lane
+# the first tier that fails stops that lane; make test fails when either did. The second lane's output follows the
+# first's; the table of the tiers' wall times and the run's wall time comes last, after a failure too (marked).
+FIRST_LANE := integration-host
+SECOND_LANE := unit sanity lint docs publish matrix integration-crosshost molecule
 test:
 	@rm -f build/tier-times && mkdir -p build && date +%s >build/test-started
 	@trap scripts/tier-table.sh EXIT; \
 	scripts/timed.sh setup $(MAKE) --no-print-directory setup testhost-image && \
-	scripts/lanes.sh "$(HOST_TIERS)" "$(TESTHOST_TIERS)"
+	scripts/lanes.sh "$(FIRST_LANE)" "$(SECOND_LANE)"
 
 clean:
 	scripts/stop-libvirtd.sh

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# scripts/lanes.sh "HOST TIERS" "TESTHOST TIERS": run the two lists of make targets at once, each list in order and
-# each tier timed (scripts/timed.sh). The test-host lane prints as it goes; the host lane's output is kept in
-# build/lane-host.log and printed when both are done. Fails when either lane failed.
+# scripts/lanes.sh "FIRST LANE" "SECOND LANE": run two lists of make targets at once, each list in order and each
+# tier timed (scripts/timed.sh). The first lane prints as it goes; the second lane's output is kept in
+# build/lane-second.log and printed when both are done. Fails when either lane failed.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 lane() {
@@ -10,13 +10,13 @@ lane() {
     done
 }
 mkdir -p build
-lane "$1" >build/lane-host.log 2>&1 &
-host=$!
-lane "$2"
-testhost_status=$?
-wait "$host"
-host_status=$?
+lane "$2" >build/lane-second.log 2>&1 &
+second=$!
+lane "$1"
+first_status=$?
+wait "$second"
+second_status=$?
 echo
-echo "== The host lane ($1), from build/lane-host.log"
-cat build/lane-host.log
-[ "$host_status" -eq 0 ] && [ "$testhost_status" -eq 0 ]
+echo "== The second lane ($2), from build/lane-second.log"
+cat build/lane-second.log
+[ "$first_status" -eq 0 ] && [ "$second_status" -eq 0 ]

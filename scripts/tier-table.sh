@@ -8,7 +8,7 @@ started=$(cat build/test-started 2>/dev/null || echo "")
 wall=$(( $(date +%s) - ${started:-$(date +%s)} ))
 awk -v wall="$wall" '
     function clock(seconds) { return sprintf("%d:%02d", seconds / 60, seconds % 60) }
-    BEGIN { print ""; printf "%-12s %8s\n", "tier", "time" }
-    { total += $2; printf "%-12s %8s%s\n", $1, clock($2), $3 == 0 ? "" : "  failed (exit " $3 ")" }
-    END { printf "%-12s %8s\n", "sum", clock(total); if (wall > 0) printf "%-12s %8s\n", "wall", clock(wall) }
+    BEGIN { print ""; printf "%-22s %8s\n", "tier", "time" }
+    { total += $2; printf "%-22s %8s%s\n", $1, clock($2), $3 == 0 ? "" : "  failed (exit " $3 ")" }
+    END { printf "%-22s %8s\n", "sum", clock(total); if (wall > 0) printf "%-22s %8s\n", "wall", clock(wall) }
 ' build/tier-times
