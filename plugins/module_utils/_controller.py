@@ -85,7 +85,6 @@ OLD_WINDOWS = re.compile(r"^http://microsoft\.com/win/(1\.0|2\.0|3\.1|95|98|me|n
 POLL_SECONDS = 0.5
 # The domain's own <devices> as libvirt formats it: a child of <domain>, indented by two spaces.
 # (Other tools' metadata may hold a <devices> element too, deeper.)
-DEVICES = re.compile(r"^  <devices>$.*?^  </devices>$", re.DOTALL | re.MULTILINE)
 
 
 @dataclass
@@ -116,8 +115,7 @@ class Plan:
 
         Everything else stays as libvirt wrote it; ElementTree would move the metadata's namespace
         declarations and rename default namespaces of other tools' metadata."""
-        devices = ET.tostring(self.root.find("devices"), encoding="unicode").rstrip()
-        return DEVICES.sub(lambda _match: "  " + devices, self.text, count=1)
+        return _libvirt.with_devices(self.text, self.root.find("devices"))
 
     def diff(self):
         return {"before": render(self.before + self.moved_before), "after": render(self.after + self.moved_after)}
@@ -182,7 +180,7 @@ def plan(xml_text, request):
     """The domain XML with the requested controller, and what changes."""
     root = ET.fromstring(xml_text)
     devices = root.find("devices")
-    if devices is None or len(DEVICES.findall(xml_text)) != 1:
+    if devices is None or _libvirt.devices_element(xml_text) is None:
         raise ControllerError("Cannot find the <devices> element in the domain XML as libvirt formats it")
     old = usb_controllers(root, request.index)
     if request.model == "none":
@@ -296,10 +294,8 @@ def describe_device(element):
 
 
 def _hostdevs(element):
-    # usb_hostdevs reads whole domains; one element is wrapped as one.
-    if element.tag != "hostdev":
-        return []
-    return _libvirt.usb_hostdevs("<domain><devices>%s</devices></domain>" % ET.tostring(element, encoding="unicode"))
+    hostdev = _libvirt.usb_hostdev(element)
+    return [hostdev] if hostdev is not None else []
 
 
 def render(elements):
@@ -466,9 +462,7 @@ def run(conn, domain_name, request, check_mode):
         raise ControllerError("Domain %s is transient: it has no persistent definition whose USB controller could be changed" % domain_name)
     # One writer at a time per host: usb_attach changes the same definitions.
     with _lock.maybe_lock(check_mode):
-        # With secrets, so that the definition written back keeps graphics and other passwords.
-        flags = _libvirt.libvirt.VIR_DOMAIN_XML_INACTIVE | _libvirt.libvirt.VIR_DOMAIN_XML_SECURE
-        plan_ = plan(domain.XMLDesc(flags), request)
+        plan_ = plan(_libvirt.persistent_xml(domain), request)
         after = describe(plan_.after)
         if plan_.changed and not check_mode:
             _define(conn, plan_)

@@ -27,6 +27,7 @@ A device imported from another KVM host (a selector with ``host``) also records 
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 
 from ansible_collections.kvmhost.usb.plugins.module_utils._declaration import RECORDED_FIELDS
@@ -38,6 +39,8 @@ ROOT = "passthrough"
 BOUND_FIELDS = ("serial", "port", "address", "host", "link_address", "link_port")
 
 ET.register_namespace(PREFIX, NAMESPACE)
+# The intent element in a domain XML as libvirt formats it (setMetadata stores it with this prefix).
+ELEMENT = re.compile(r"<{0}:{1}\b[^>]*?/>|<{0}:{1}\b.*?</{0}:{1}>".format(PREFIX, ROOT), re.DOTALL)
 
 
 def from_domain_xml(xml_text: str) -> list[dict]:
@@ -76,3 +79,20 @@ def display(entries: list[dict]) -> str:
     element = ET.fromstring(to_xml(entries, namespace=NAMESPACE))
     ET.indent(element)
     return ET.tostring(element, encoding="unicode")
+
+
+def in_domain_xml(xml_text: str, entries: list[dict]) -> str:
+    """The domain XML text with its intent element replaced by one for ``entries`` (none when empty), the rest
+    as libvirt wrote it. ValueError when the result would not read back as ``entries``."""
+    text = ELEMENT.sub("", xml_text)
+    if entries:
+        element = to_xml(entries, namespace=NAMESPACE)
+        if "<metadata>" in text:
+            text = text.replace("<metadata>", "<metadata>" + element, 1)
+        elif "<metadata/>" in text:
+            text = text.replace("<metadata/>", "<metadata>%s</metadata>" % element, 1)
+        else:
+            text = text.replace("</uuid>", "</uuid><metadata>%s</metadata>" % element, 1)
+    if from_domain_xml(text) != from_domain_xml("<domain><metadata>%s</metadata></domain>" % to_xml(entries, namespace=NAMESPACE)):
+        raise ValueError("the intent element of the domain XML could not be replaced")
+    return text

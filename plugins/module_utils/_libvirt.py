@@ -59,25 +59,26 @@ def domain_xml(domain, inactive=False):
 def usb_hostdevs(xml_text):
     """The USB hostdevs of a domain XML, each as vendor_id, product_id, bus, device (None when absent)."""
     root = ET.fromstring(xml_text)
-    hostdevs = []
-    for hostdev in root.findall("./devices/hostdev[@type='usb']"):
-        source = hostdev.find("source")
-        if source is None:
-            continue
-        vendor = source.find("vendor")
-        product = source.find("product")
-        address = source.find("address")
-        hostdevs.append(
-            {
-                "vendor_id": _hex4(vendor.get("id")) if vendor is not None else None,
-                "product_id": _hex4(product.get("id")) if product is not None else None,
-                "bus": _int(address.get("bus")) if address is not None else None,
-                "device": _int(address.get("device")) if address is not None else None,
-                "startup_policy": source.get("startupPolicy"),
-                "alias": _alias(hostdev),
-            }
-        )
-    return hostdevs
+    hostdevs = [usb_hostdev(element) for element in root.findall("./devices/hostdev[@type='usb']")]
+    return [hostdev for hostdev in hostdevs if hostdev is not None]
+
+
+def usb_hostdev(element):
+    """One ``<hostdev type='usb'>`` element as a hostdev dict; None when it has no source."""
+    source = element.find("source")
+    if element.tag != "hostdev" or element.get("type") != "usb" or source is None:
+        return None
+    vendor = source.find("vendor")
+    product = source.find("product")
+    address = source.find("address")
+    return {
+        "vendor_id": _hex4(vendor.get("id")) if vendor is not None else None,
+        "product_id": _hex4(product.get("id")) if product is not None else None,
+        "bus": _int(address.get("bus")) if address is not None else None,
+        "device": _int(address.get("device")) if address is not None else None,
+        "startup_policy": source.get("startupPolicy"),
+        "alias": _alias(element),
+    }
 
 
 def _alias(element):
@@ -123,6 +124,52 @@ def hostdev_xml(hostdev):
     return ET.tostring(element, encoding="unicode")
 
 
+def same_hostdev(first, second):
+    """Whether two hostdev dicts name the same source, as libvirt matches a hostdev to detach: by address
+    when it has one, by vendor and product when it has them."""
+    if first.get("bus") is not None or second.get("bus") is not None:
+        if (first.get("bus"), first.get("device")) != (second.get("bus"), second.get("device")):
+            return False
+    return (first.get("vendor_id"), first.get("product_id")) == (second.get("vendor_id"), second.get("product_id"))
+
+
+def add_hostdev(devices, hostdev):
+    """Append the ``<hostdev>`` of a hostdev dict to a <devices> element."""
+    devices.append(ET.fromstring(hostdev_xml(hostdev)))
+
+
+def remove_hostdev(devices, hostdev):
+    """Remove from a <devices> element the first USB hostdev with the same source; whether there was one."""
+    for element in devices.findall("hostdev"):
+        found = usb_hostdev(element)
+        if found is not None and same_hostdev(found, hostdev):
+            devices.remove(element)
+            return True
+    return False
+
+
+# libvirt formats a domain's <devices> at two spaces of indentation, once in a document.
+DEVICES = re.compile(r"^  <devices>$.*?^  </devices>$", re.DOTALL | re.MULTILINE)
+
+
+def persistent_xml(domain):
+    """A domain's persistent definition with its secrets (graphics passwords): what a define writes back whole."""
+    return domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+
+
+def devices_element(xml_text):
+    """The <devices> element of a domain XML as libvirt formats it, parsed; None when it is not there once."""
+    found = DEVICES.findall(xml_text)
+    return ET.fromstring(found[0]) if len(found) == 1 else None
+
+
+def with_devices(xml_text, devices):
+    """The domain XML text with its <devices> element replaced by ``devices``, the rest as libvirt wrote it:
+    ElementTree would move the metadata's namespace declarations and rename other tools' default namespaces."""
+    text = ET.tostring(devices, encoding="unicode").rstrip()
+    return DEVICES.sub(lambda _match: "  " + text, xml_text, count=1)
+
+
 def lookup_domain(conn, name_or_uuid):
     """The domain with this name, else with this UUID; None when there is none."""
     try:
@@ -141,7 +188,9 @@ def lookup_domain(conn, name_or_uuid):
 
 
 def error_message(error):
-    """libvirt's own message of a libvirtError."""
+    """libvirt's own message of a libvirtError (or the text of ours, a LibvirtError)."""
+    if isinstance(error, LibvirtError):
+        return str(error)
     return error.get_error_message() or str(error)
 
 

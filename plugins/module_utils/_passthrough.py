@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ansible_collections.kvmhost.usb.plugins.module_utils import _crosshost, _declaration, _host, _intent, _libvirt, _lock, _mounts, _usb
-from ansible_collections.kvmhost.usb.plugins.module_utils._errors import HostError, PassthroughError, SelectorError
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import HostError, LibvirtError, PassthroughError, SelectorError
 from ansible_collections.kvmhost.usb.plugins.module_utils._host import LIVE, PERSISTENT, Config, Domain, HostModel
 
 
@@ -33,8 +33,13 @@ class Step:
     previous: list | None = None
     # The plugged-in device the hostdev belongs to; an attach relies on it.
     device: dict | None = None
+    # A "define": the steps of a stopped domain, written with one define, and its definition before them.
+    changes: list | None = None
+    definition: str | None = None
 
     def describe(self) -> str:
+        if self.action == "define":
+            return "write the definition of %s (%s)" % (self.domain.name, "; ".join(change.describe().split(": ", 1)[0] for change in self.changes))
         if self.action == "intent":
             ids = ", ".join(entry["id"] for entry in self.intent) or "none"
             return "record the intent of %s (%s): %s" % (self.domain.name, self.scope, ids)
@@ -303,6 +308,10 @@ class Planner:
         if self.check_mode:
             return steps
         relied = [step.device for step in steps if step.action == "attach" and step.device is not None]
+        # A stopped domain's steps change only its definition: they are made together and written with one
+        # define, at its last step, after every check that comes before it.
+        last_of_stopped = dict((step.domain, index) for index, step in enumerate(steps) if LIVE not in step.domain.configs)
+        staged = {}
         done = []
         for index, step in enumerate(steps):
             if index == 0 or (step.action == "intent" and steps[index - 1].action != "intent"):
@@ -314,9 +323,14 @@ class Planner:
                 self._check_plugged([step.device], step, done)
             if step.scope == LIVE and LIVE not in step.domain.configs:
                 continue
+            if step.domain in last_of_stopped:
+                staged.setdefault(step.domain, []).append(step)
+                if index != last_of_stopped[step.domain]:
+                    continue
+                step = Step(domain=step.domain, scope=PERSISTENT, action="define", changes=staged.pop(step.domain))
             try:
                 _carry_out(step)
-            except _libvirt.libvirt.libvirtError as error:
+            except (_libvirt.libvirt.libvirtError, LibvirtError) as error:
                 if step.scope == LIVE and self._stopped(step, done):
                     continue
                 message = "libvirt refused to %s: %s" % (step.describe(), _libvirt.error_message(error))
@@ -676,6 +690,13 @@ def _carry_out(step: Step, undo: bool = False) -> None:
     libvirt = _libvirt.libvirt
     flags = libvirt.VIR_DOMAIN_AFFECT_LIVE if step.scope == LIVE else libvirt.VIR_DOMAIN_AFFECT_CONFIG
     handle = step.domain.handle
+    if step.action == "define":
+        if undo:
+            handle.connect().defineXML(step.definition)
+            return
+        step.definition = _libvirt.persistent_xml(handle)
+        handle.connect().defineXMLFlags(_defined(step.definition, step.changes), libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+        return
     if step.action == "intent":
         entries = step.previous if undo else step.intent
         if entries:
@@ -689,6 +710,29 @@ def _carry_out(step: Step, undo: bool = False) -> None:
         handle.attachDeviceFlags(xml, flags)
     else:
         handle.detachDeviceFlags(xml, flags)
+
+
+def _defined(definition: str, changes: list[Step]) -> str:
+    """A domain's definition with the changes made: hostdevs detached and attached, the intent recorded. A hostdev
+    to detach that is not there is refused, as libvirt's detach would refuse it."""
+    devices = _libvirt.devices_element(definition)
+    if devices is None:
+        raise LibvirtError("cannot find the <devices> element of the definition")
+    intent = None
+    for change in changes:
+        if change.action == "intent":
+            intent = change.intent
+        elif change.action == "attach":
+            _libvirt.add_hostdev(devices, change.hostdev)
+        elif not _libvirt.remove_hostdev(devices, change.hostdev):
+            raise LibvirtError("device not found: %s" % _libvirt.hostdev_xml(change.hostdev))
+    definition = _libvirt.with_devices(definition, devices)
+    if intent is None:
+        return definition
+    try:
+        return _intent.in_domain_xml(definition, intent)
+    except ValueError as error:
+        raise LibvirtError(str(error))
 
 
 def _render(domain: Domain, configs: dict) -> str:

@@ -61,14 +61,13 @@ def test_attach_of_a_device_unplugged_after_the_plan_fails_naming_it_and_changes
     assert domains.snapshot() == before
 
 
-@pytest.mark.parametrize("pause", ["execute", "step 1"], ids=["before-any-step", "after-the-detach-before-the-attach"])
-def test_move_of_a_device_unplugged_meanwhile_fails_naming_it_and_undoes_the_detach(domains, runs, pause):
+def test_move_of_a_device_unplugged_meanwhile_fails_naming_it_and_writes_nothing(domains, runs):
     holder = domains.define("gone-holder")
     taker = domains.define("gone-taker")
     assert attach({"domain": holder, "devices": ["0951:1666"]})["rc"] == 0
     before = domains.snapshot()
     assert (hostdevs(before[holder][0]), metadata(before[holder][0])) == ([KINGSTON_HOSTDEV], KINGSTON_INTENT)
-    run = runs("converge", {"domains": {holder: {"devices": []}, taker: {"devices": ["0951:1666"]}}}, pause)
+    run = runs("converge", {"domains": {holder: {"devices": []}, taker: {"devices": ["0951:1666"]}}})
     paused = run.paused()
     assert [step.split(":")[0] for step in paused["steps"]] == [
         "detach from %s (persistent)" % holder,
@@ -79,14 +78,24 @@ def test_move_of_a_device_unplugged_meanwhile_fails_naming_it_and_undoes_the_det
     unplug_stick(paused)
     ok, outcome = run.release()
     assert not ok, outcome
-    assert outcome["msg"].startswith(GONE + " was unplugged during the change, before it could "), outcome
-    if pause == "execute":
-        assert outcome["msg"].endswith("Nothing was changed."), outcome
-    else:
-        # The attach was made (libvirt's persistent configuration does not look for the device); the check
-        # before the intent found the device gone, and both hostdev steps were undone.
-        assert outcome["msg"].endswith("The 2 earlier step(s) were undone; %s left as they were." % ", ".join(sorted([holder, taker]))), outcome
+    assert outcome["msg"] == GONE + " was unplugged during the change, before it could %s. Nothing was changed." % paused["steps"][0], outcome
     assert domains.snapshot() == before
+
+
+def test_domain_undefined_before_its_definition_is_written_undoes_the_other_domains(domains, runs):
+    # Stopped domains are written with one define each, at their last step: the holder's first, then the taker's.
+    holder = domains.define("undefined-holder")
+    taker = domains.define("undefined-taker")
+    assert attach({"domain": holder, "devices": ["0951:1666"]})["rc"] == 0
+    before = domains.snapshot()
+    run = runs("converge", {"domains": {holder: {"devices": []}, taker: {"devices": ["0951:1666"]}}}, "step 1")
+    run.paused()
+    domains.remove(taker)
+    ok, outcome = run.release()
+    assert not ok, outcome
+    assert outcome["msg"].startswith("libvirt refused to write the definition of %s (attach to %s (persistent); record the intent of %s (persistent)): " % (taker, taker, taker)), outcome
+    assert outcome["msg"].endswith("The 1 earlier step(s) were undone; %s left as they were." % holder), outcome
+    assert domains.snapshot() == {holder: before[holder]}
 
 
 def test_detach_of_a_device_unplugged_after_the_plan_is_finished_and_says_so(domains, runs):
