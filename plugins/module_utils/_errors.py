@@ -24,6 +24,16 @@ class UsbipError(Exception):
     """An export or import could not be made; the message says which host, address and device."""
 
 
+class RequestError(UsbipError):
+    """A USB/IP request the exporter refuses unanswered: malformed, truncated, too long or of a kind it does not know.
+    ``reason`` names the kind of refusal (the exporter logs one line per kind per interval), the message says what was
+    wrong."""
+
+    def __init__(self, reason, message):
+        super().__init__(message)
+        self.reason = reason
+
+
 class PassthroughError(Exception):
     """A change that must not or could not be made; the message says what was left changed, if anything."""
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import socket
 import struct
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _usb
-from ansible_collections.kvmhost.usb.plugins.module_utils._errors import UsbipError
+from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import RequestError, UsbipError
 
 USBIP_PORT = 3240
 USBIP_VERSION = 0x0111
@@ -49,6 +49,9 @@ USB_DEVICE = struct.Struct(">256s32sIIIHHHBBBBBB")
 USB_INTERFACE = struct.Struct(">BBBB")
 BUSID = struct.Struct(">32s")
 COUNT = struct.Struct(">I")
+
+# The requests an exporter answers, each with its whole length: the header, then the bus id of an import or a release.
+REQUEST_SIZES = {OP_REQ_DEVLIST: OP_COMMON.size, OP_REQ_IMPORT: OP_COMMON.size + BUSID.size, OP_REQ_RELEASE: OP_COMMON.size + BUSID.size}
 
 
 def port_of(value):
@@ -130,6 +133,37 @@ def pack_release_request(busid):
 
 def c_string(data):
     return data.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+# A request, read by the exporter from an untrusted peer
+
+
+def request_code(header):
+    """The code of the request whose OP_COMMON header this is (its length is ``REQUEST_SIZES[code]``); RequestError
+    unless the version is ours, the code one of the requests above and the status 0, as the protocol has it."""
+    request = unpack_op_common(header)
+    if request["version"] != USBIP_VERSION:
+        raise RequestError("unknown version", "USB/IP version 0x%04x, expected 0x%04x" % (request["version"], USBIP_VERSION))
+    if request["code"] not in REQUEST_SIZES:
+        raise RequestError("unknown request", "unknown request code 0x%04x" % request["code"])
+    if request["status"] != ST_OK:
+        raise RequestError("status in a request", "status %d in a request, where the protocol has 0" % request["status"])
+    return request["code"]
+
+
+def request_busid(field):
+    """The bus id of an import or release request's 32-byte field: a port name of the kernel's syntax (``2-1``,
+    ``1-1.4``), ASCII, ended by a NUL and padded with NULs only; RequestError for anything else."""
+    name, end, padding = field.partition(b"\0")
+    text = None
+    if end and not padding.strip(b"\0"):
+        try:
+            text = name.decode("ascii")
+        except UnicodeDecodeError:
+            pass
+    if text is None or not _declaration.PORT.fullmatch(text):
+        raise RequestError("malformed bus id", "bus id %r is not a USB port name, NUL-terminated and NUL-padded" % field.rstrip(b"\0"))
+    return text
 
 
 def receive(sock, size):
