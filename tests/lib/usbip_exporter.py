@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
 import sys
 import threading
+import time
 
 from tests.lib.modrun import collection_root
 
@@ -69,15 +71,20 @@ def fake_sysfs(root, device):
     return base
 
 
+def free_port():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()
+    return port
+
+
 @contextlib.contextmanager
 def serving(directory, exports, root):
     """The exporter serving ``exports`` from ``root`` on 127.0.0.1 (a free port), its table in ``directory``:
     ``(exporter, port, journal lines)``."""
     lines = []
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    listener.close()
+    port = free_port()
     table.write_exports({"listen": "127.0.0.1", "port": port, "exports": exports}, str(directory / "exports.json"))
     served = exporter.Exporter(str(directory / "exports.json"), root=str(root), out=lines.append, state=str(directory / "exported.json"))
     served.reload_if_changed()
@@ -86,8 +93,7 @@ def serving(directory, exports, root):
 
     def loop():
         while not stop.is_set():
-            for key, _events in served.selector.select(timeout=0.1):
-                key.data()
+            served.poll(0.1)
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
@@ -97,3 +103,46 @@ def serving(directory, exports, root):
         stop.set()
         thread.join()
         served.server.close()
+        served.selector.close()
+
+
+# The exporter's service loop (Exporter.run) with its defaults, in a process of its own; a test may shorten the interval
+# of its refusal log (the 4th argument). pyudev is hidden from it, so that replugs are left to its periodic check: this
+# machine's udev knows nothing of the stand-in tree.
+PROCESS = """
+import sys
+sys.modules["pyudev"] = None
+from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import exporter
+served = exporter.Exporter(sys.argv[1], root=sys.argv[2], state=sys.argv[3])
+if sys.argv[4]:
+    served.refusals.interval = float(sys.argv[4])
+served.run()
+"""
+
+
+@contextlib.contextmanager
+def serving_process(directory, exports, root, refusal_interval=None, timeout=30.0):
+    """The exporter run as its service runs it, in a process of its own, serving ``exports`` from ``root`` on 127.0.0.1
+    (a free port), its table in ``directory``: ``(process, port, path of its journal lines)``."""
+    port = free_port()
+    path = str(directory / "exports.json")
+    table.write_exports({"listen": "127.0.0.1", "port": port, "exports": exports}, path)
+    journal = directory / "exporter.log"
+    env = dict(os.environ, PYTHONPATH=collection_root(), PYTHONUNBUFFERED="1")
+    with open(str(journal), "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-c", PROCESS, path, str(root), str(directory / "exported.json"), str(refusal_interval or "")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while "listening on 127.0.0.1:%d" % port not in journal.read_text():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the exporter did not start listening: %s" % journal.read_text())
+            time.sleep(0.05)
+        yield process, port, journal
+    finally:
+        process.terminate()
+        process.wait(timeout)

@@ -6,7 +6,8 @@
 It binds each present device of the exports table to ``usbip-host``, again after a replug, gives back the devices no
 longer exported, and listens on the host's link address only. A peer is answered only with the exports declared for its
 address; a connection from any other address is closed at once. An accepted import hands the socket to the kernel
-(``usbip_sockfd``), as usbipd does.
+(``usbip_sockfd``), as usbipd does, and only for a request the server (``server.py``) read whole and valid, of a bus id
+exported to that peer.
 
 ``main`` is its command line, run by the host runtime as ``kvmhost-usb exporter serve``, with ``list`` (what an
 exporter offers this host) and ``imports`` (this host's imports) beside ``serve``.
@@ -20,13 +21,12 @@ import os
 import selectors
 import signal
 import socket
-import struct
 import sys
 import time
 
 from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration
 from ansible_collections.kvmhost.usb.plugins.module_utils._errors import UsbipError
-from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import importer, sysfs, table, wire
+from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import importer, server, sysfs, table, wire
 from ansible_collections.kvmhost.usb.plugins.module_utils._usbip.sysfs import SYS_USB
 from ansible_collections.kvmhost.usb.plugins.module_utils._usbip.wire import USBIP_PORT, port_of
 
@@ -51,9 +51,9 @@ class Exporter:
         self.mtime = None
         self.bound = self.load_state()  # busid -> export
         self.missing = set()
-        self.server = None
-        self.listening = None
         self.selector = selectors.DefaultSelector()
+        self.refusals = server.Refusals(out)
+        self.server = server.Server(self.selector, self.peers, self.answer, self.refusals)
         self.reload_wanted = True
 
     # The table
@@ -157,90 +157,51 @@ class Exporter:
 
     def listen(self):
         address, port = self.table.get("listen"), port_of(self.table.get("port"))
-        if self.listening == (address, port):
-            return
-        if self.server is not None:
-            self.selector.unregister(self.server)
-            self.server.close()
-            self.server = None
-            self.listening = None
-        if not address:
-            return
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        server = socket.socket(family, socket.SOCK_STREAM)
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            server.bind((address, port))
-            server.listen(16)
-        except OSError as error:
-            server.close()
-            raise UsbipError("cannot listen on %s:%d: %s" % (address, port, error.strerror or error))
-        self.server = server
-        self.listening = (address, port)
-        self.selector.register(server, selectors.EVENT_READ, self.accept)
-        self.log("listening on %s:%d" % (address, port))
+        if self.server.listen(address, port):
+            self.log("listening on %s:%d" % (address, port))
 
-    def accept(self):
-        try:
-            conn, peer = self.server.accept()
-        except OSError:
-            return
-        try:
-            self.serve(conn, peer[0])
-        finally:
-            conn.close()
-
-    def serve(self, conn, peer):
-        if peer not in self.peers():
-            self.log("refused connection from %s: no export is declared for it" % peer)
-            return
-        conn.settimeout(5.0)
-        try:
-            request = wire.unpack_op_common(wire.receive(conn, wire.OP_COMMON.size))
-            if request["code"] == wire.OP_REQ_DEVLIST:
-                offered = [sysfs.sysfs_device(busid, self.root) for busid in sorted(self.for_peer(peer))]
-                conn.sendall(wire.pack_devlist_reply([device for device in offered if device is not None]))
-            elif request["code"] == wire.OP_REQ_IMPORT:
-                busid = wire.c_string(wire.receive(conn, wire.BUSID.size))
-                self.export(conn, peer, busid)
-            elif request["code"] == wire.OP_REQ_RELEASE:
-                busid = wire.c_string(wire.receive(conn, wire.BUSID.size))
-                conn.sendall(wire.pack_op_common(wire.OP_REP_RELEASE, wire.ST_OK if self.give_back(peer, busid) else wire.ST_NODEV))
-            else:
-                self.log("closed connection from %s: unknown request 0x%04x" % (peer, request["code"]))
-        except (EOFError, OSError, struct.error) as error:
-            self.log("connection from %s failed: %s" % (peer, error))
+    def answer(self, peer, code, busid, conn):
+        """The reply to a whole, valid request of a declared peer (``server.Server``); None once an import is handed
+        to the kernel."""
+        if code == wire.OP_REQ_DEVLIST:
+            offered = [sysfs.sysfs_device(name, self.root) for name in sorted(self.for_peer(peer))]
+            return wire.pack_devlist_reply([device for device in offered if device is not None])
+        if code == wire.OP_REQ_IMPORT:
+            return self.export(conn, peer, busid)
+        return wire.pack_op_common(wire.OP_REP_RELEASE, wire.ST_OK if self.give_back(peer, busid) else wire.ST_NODEV)
 
     def export(self, conn, peer, busid):
+        """OP_REQ_IMPORT of ``busid`` by ``peer``: the socket handed to the kernel and the reply sent (None), or the
+        refusal to send."""
         export = self.for_peer(peer).get(busid)
         device = sysfs.sysfs_device(busid, self.root) if export else None
         if export is None or device is None:
-            self.log("refused the import of %s by %s: not exported to it" % (busid, peer))
-            conn.sendall(wire.pack_op_common(wire.OP_REP_IMPORT, wire.ST_NODEV))
-            return
+            self.refusals.refuse("import not exported", "refused the import of %s by %s: not exported to it" % (busid, peer))
+            return wire.pack_op_common(wire.OP_REP_IMPORT, wire.ST_NODEV)
         status = sysfs.stub_status(busid, self.root)
         if status != sysfs.SDEV_ST_AVAILABLE:
             why = "in use by an earlier import" if status == sysfs.SDEV_ST_USED else "usbip status %d" % status
-            self.log("refused the import of %s by %s: %s" % (busid, peer, why))
-            conn.sendall(wire.pack_op_common(wire.OP_REP_IMPORT, wire.ST_DEV_BUSY if status == sysfs.SDEV_ST_USED else wire.ST_NA))
-            return
-        conn.settimeout(None)
+            self.refusals.refuse("import unavailable", "refused the import of %s by %s: %s" % (busid, peer, why))
+            return wire.pack_op_common(wire.OP_REP_IMPORT, wire.ST_DEV_BUSY if status == sysfs.SDEV_ST_USED else wire.ST_NA)
+        # The kernel takes the socket blocking, as usbipd hands it over.
+        conn.setblocking(True)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sysfs.hand_over(busid, conn, self.root)
         except UsbipError as error:
-            self.log("cannot export %s to %s: %s" % (busid, peer, error))
-            conn.sendall(wire.pack_op_common(wire.OP_REP_IMPORT, wire.ST_NA))
-            return
+            self.refusals.refuse("hand-over failed", "cannot export %s to %s: %s" % (busid, peer, error))
+            return wire.pack_op_common(wire.OP_REP_IMPORT, wire.ST_NA)
         self.log("exported %s (%s) to %s (%s), domain %s" % (busid, export.get("id"), export.get("importer"), peer, export.get("domain")))
+        # 320 bytes, the first this socket sends: they fit its send buffer (4 KiB at the least), so this never waits.
         conn.sendall(wire.pack_op_common(wire.OP_REP_IMPORT) + wire.pack_usb_device(device))
+        return None
 
     def give_back(self, peer, busid):
         """The importer at ``peer`` took the device back: drop its export from the table, give the device back to
         its driver. False when nothing of the kind is exported to that peer."""
         export = self.for_peer(peer).get(busid)
         if export is None:
-            self.log("%s gave back %s, which is not exported to it" % (peer, busid))
+            self.refusals.refuse("release not exported", "%s gave back %s, which is not exported to it" % (peer, busid))
             return False
         kept = dict(self.table, exports=[item for item in self.table["exports"] if not self._same_export(item, export)])
         try:
@@ -307,8 +268,15 @@ class Exporter:
                     notified = True
                 if not reloaded and monitor is None:
                     self.apply()
-            for key, _events in self.selector.select(timeout=1.0):
-                key.data()
+            self.poll(1.0)
+
+    def poll(self, longest):
+        """One turn of the loop: wait for events (``longest`` seconds at most, less when a connection's deadline comes
+        sooner) and handle them, close the connections past their deadline, log the refusals not logged yet."""
+        for key, _events in self.selector.select(timeout=self.server.timeout(longest)):
+            key.data()
+        self.server.expire()
+        self.refusals.flush()
 
     def on_hup(self, _signum, _frame):
         self.reload_wanted = True
