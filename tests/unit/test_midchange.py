@@ -93,7 +93,8 @@ def test_domain_undefined_before_its_definition_is_written_undoes_the_other_doma
     domains.remove(taker)
     ok, outcome = run.release()
     assert not ok, outcome
-    assert outcome["msg"].startswith("libvirt refused to write the definition of %s (attach to %s (persistent); record the intent of %s (persistent)): " % (taker, taker, taker)), outcome
+    refused = "libvirt refused to write the definition of %s (attach to %s (persistent); record the intent of %s (persistent)): "
+    assert outcome["msg"].startswith(refused % (taker, taker, taker)), outcome
     assert outcome["msg"].endswith("The 1 earlier step(s) were undone; %s left as they were." % holder), outcome
     assert domains.snapshot() == {holder: before[holder]}
 
