@@ -211,7 +211,8 @@ class Server:
             following = b""
         if following:
             raise RequestError("request too long", "more bytes follow the %d of a request of code 0x%04x" % (connection.size, connection.code))
-        busid = wire.request_busid(bytes(connection.request[wire.OP_COMMON.size :])) if connection.size > wire.OP_COMMON.size else None
+        header = wire.OP_COMMON.size
+        busid = wire.request_busid(bytes(connection.request[header:])) if connection.size > header else None
         reply = self.answer(connection.peer, connection.code, busid, connection.sock)
         if not reply:
             self.drop(connection)
