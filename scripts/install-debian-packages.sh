@@ -9,6 +9,7 @@ PACKAGES="python3 python3-venv python3-dev gcc pkg-config git make
 qemu-system-x86 qemu-utils mmdebstrap e2fsprogs
 libvirt-daemon-system libvirt-clients libvirt-dev dnsmasq-base
 umockdev usbutils openssh-client sshpass rsync procps ca-certificates shellcheck patchelf
+wireguard-tools nftables
 chromium"
 missing=""
 for package in $PACKAGES; do

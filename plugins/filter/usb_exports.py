@@ -59,16 +59,46 @@ _value:
       description: The address O(host) is reached at by the others, where its exporter listens.
       type: str
     import_addresses:
-      description: The link addresses of the hosts O(host) imports devices from.
+      description: The USB/IP addresses of the hosts O(host) imports devices from (their tunnel addresses; with
+        C(usb_link_encryption=none) their link addresses).
+      type: list
+      elements: str
+    listen_address:
+      description: Where the exporter of O(host) listens; its tunnel address, or its link address without encryption.
+      type: str
+    encryption:
+      description: The C(usb_link_encryption) of O(host), V(wireguard) unless set to V(none).
+      type: str
+    peers:
+      description: The hosts O(host) shares devices with (exports to or imports from), each with C(name), C(link_address),
+        C(tunnel_address) (None without encryption) and C(endpoint) (the WireGuard endpoint, link address and port).
+      type: list
+      elements: dict
+    link:
+      description: >-
+        The WireGuard link of O(host) as M(kvmhost.usb.usb_runtime) takes it, without the peers' public keys and the MTU,
+        which the hosts give (M(kvmhost.usb.usb_link)); None when O(host) has no peer or no encryption.
+      type: dict
+    clear_links:
+      description: The pairs of hosts of the fleet that share devices in clear text (C(usb_link_encryption=none)), one
+        sentence each.
       type: list
       elements: str
 """
 
 from ansible.errors import AnsibleFilterError
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration
-from ansible_collections.kvmhost.usb.plugins.module_utils._errors import PassthroughError, SelectorError
-from ansible_collections.kvmhost.usb.plugins.plugin_utils._inventory_hosts import link_address
+from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration, _link
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import LinkError, PassthroughError, SelectorError
+from ansible_collections.kvmhost.usb.plugins.plugin_utils._inventory_hosts import (
+    ENCRYPTIONS,
+    encryption,
+    link_address,
+    tunnel_address,
+    tunnel_network,
+    usbip_address,
+    variable,
+)
 
 
 def _declared(hostvars, host):
@@ -116,7 +146,7 @@ def _exports_of(hostvars, host, hosts):
                     )
                     continue
                 owners[key] = (importer, domain)
-                exports.append(dict(fields, importer=importer, importer_address=link_address(hostvars, importer), domain=str(domain)))
+                exports.append(dict(fields, importer=importer, importer_address=_usbip_address(hostvars, importer), domain=str(domain)))
     for domain, settings in sorted(_declared(hostvars, host).items()):
         for selector in _selectors(settings):
             if isinstance(selector, dict) and selector.get("host") and str(selector["host"]) != host:
@@ -143,8 +173,26 @@ def _unknown_hosts(hostvars, host):
     return unknown
 
 
+def _usbip_address(hostvars, host):
+    try:
+        return usbip_address(hostvars, host)
+    except LinkError:
+        return None  # a conflict (_link_conflicts): the role stops before this is used
+
+
+def _exporters(hostvars, host):
+    """The hosts of the inventory ``host`` imports devices from (its selectors with ``host``)."""
+    found = []
+    for _domain, settings in sorted(_declared(hostvars, host).items()):
+        for selector in _selectors(settings):
+            exporter = str(selector.get("host") or "") if isinstance(selector, dict) else ""
+            if exporter and exporter != host and exporter in hostvars and exporter not in found:
+                found.append(exporter)
+    return found
+
+
 def _import_addresses(hostvars, host):
-    """The link addresses of the hosts ``host`` imports devices from (its selectors with ``host``, or with
+    """The USB/IP addresses of the hosts ``host`` imports devices from (its selectors with ``host``, or with
     ``link_address``)."""
     addresses = []
     for _domain, settings in sorted(_declared(hostvars, host).items()):
@@ -157,12 +205,94 @@ def _import_addresses(hostvars, host):
                 exporter = str(selector["host"])
                 if exporter not in hostvars:
                     continue  # a conflict (_unknown_hosts): the role stops before this is used
-                address = link_address(hostvars, exporter)
+                address = _usbip_address(hostvars, exporter)
             else:
                 continue
-            if address not in addresses:
+            if address and address not in addresses:
                 addresses.append(address)
     return addresses
+
+
+def _pairs(hostvars, hosts):
+    """Every pair of hosts that share devices, each once, sorted: ``[(exporter or importer, the other), ...]``."""
+    pairs = set()
+    for host in hosts:
+        for exporter in _exporters(hostvars, host):
+            pairs.add(tuple(sorted((host, exporter))))
+    return sorted(pairs)
+
+
+def _link_conflicts(hostvars, pairs):
+    """What stops the links of the fleet: a host's encryption unknown, two ends of a link with different encryption,
+    two linked hosts with one link address or one tunnel address, a tunnel address that cannot be derived."""
+    conflicts = []
+    linked = sorted(set(host for pair in pairs for host in pair))
+    for host in linked:
+        if encryption(hostvars, host) not in ENCRYPTIONS:
+            conflicts.append("usb_link_encryption of %s is %r; it is wireguard or none." % (host, encryption(hostvars, host)))
+    for first, second in pairs:
+        both = (encryption(hostvars, first), encryption(hostvars, second))
+        if both[0] != both[1] and set(both) <= set(ENCRYPTIONS):
+            conflicts.append(
+                "Hosts %s (usb_link_encryption %s) and %s (usb_link_encryption %s) share USB devices over one link: set the"
+                " same usb_link_encryption on both." % (first, encryption(hostvars, first), second, encryption(hostvars, second))
+            )
+    for what, address_of in (("link address", link_address), ("tunnel address", tunnel_address)):
+        holders = {}
+        for host in linked:
+            if what == "tunnel address" and encryption(hostvars, host) != "wireguard":
+                continue
+            try:
+                address = address_of(hostvars, host)
+            except LinkError as error:
+                conflicts.append("%s." % error)
+                continue
+            if address in holders:
+                conflicts.append("Hosts %s and %s have the same %s %s; each host needs its own." % (holders[address], host, what, address))
+            holders.setdefault(address, host)
+    return conflicts
+
+
+def _peers(hostvars, host, pairs):
+    peers = []
+    for pair in pairs:
+        if host not in pair:
+            continue
+        peer = pair[1] if pair[0] == host else pair[0]
+        address = link_address(hostvars, peer)
+        port = variable(hostvars, peer, "usb_link_wireguard_port") or _link.WIREGUARD_PORT
+        tunnel = _tunnel_address(hostvars, peer)
+        peers.append(
+            {
+                "name": peer,
+                "link_address": address,
+                "tunnel_address": tunnel,
+                "endpoint": (("[%s]:%s" if ":" in address else "%s:%s") % (address, port)) if tunnel else None,
+            }
+        )
+    return peers
+
+
+def _tunnel_address(hostvars, host):
+    if encryption(hostvars, host) != "wireguard":
+        return None
+    try:
+        return tunnel_address(hostvars, host)
+    except LinkError:
+        return None
+
+
+def _wireguard_link(hostvars, host, peers):
+    """The WireGuard link of ``host`` for usb_runtime, without public keys and MTU; None without one."""
+    address = _tunnel_address(hostvars, host)
+    if not peers or address is None:
+        return None
+    return {
+        "address": "%s/%s" % (address, tunnel_network(hostvars, host).split("/")[1]),
+        "listen_port": int(variable(hostvars, host, "usb_link_wireguard_port") or _link.WIREGUARD_PORT),
+        "usbip_port": int(variable(hostvars, host, "usb_link_port") or 3240),
+        "peers": [{"name": peer["name"], "endpoint": peer["endpoint"], "tunnel_address": peer["tunnel_address"]} for peer in peers],
+    }
 
 
 def usb_exports(hostvars, host, hosts):
@@ -175,7 +305,23 @@ def usb_exports(hostvars, host, hosts):
         if other != host:
             conflicts.extend(_exports_of(hostvars, other, hosts)[1])
         conflicts.extend(_unknown_hosts(hostvars, other))
-    return {"exports": exports, "conflicts": conflicts, "link_address": link_address(hostvars, host), "import_addresses": _import_addresses(hostvars, host)}
+    pairs = _pairs(hostvars, hosts)
+    conflicts.extend(_link_conflicts(hostvars, pairs))
+    peers = _peers(hostvars, host, pairs)
+    return {
+        "exports": exports,
+        "conflicts": conflicts,
+        "link_address": link_address(hostvars, host),
+        "listen_address": _usbip_address(hostvars, host) or link_address(hostvars, host),
+        "import_addresses": _import_addresses(hostvars, host),
+        "encryption": encryption(hostvars, host),
+        "peers": peers,
+        "link": _wireguard_link(hostvars, host, peers),
+        "clear_links": [
+            "%s and %s share USB devices in clear text (usb_link_encryption none)" % pair
+            for pair in pairs if encryption(hostvars, pair[0]) == "none" or encryption(hostvars, pair[1]) == "none"
+        ],
+    }
 
 
 class FilterModule:

@@ -48,3 +48,8 @@ class ControllerError(Exception):
     def __init__(self, message, changed=False):
         super().__init__(message)
         self.changed = changed
+
+
+class LinkError(Exception):
+    """The encrypted link between two hosts cannot be made: a tool or kernel module missing (the message names what to
+    install), an address that is not the host's, or a command that failed."""

@@ -4,7 +4,8 @@
 """The host runtime ``kvmhost-usb``: the one program a KVM host runs between converges.
 
 ``kvmhost-usb agent`` is the reattach agent (service ``kvmhost-usb-agent``), ``kvmhost-usb exporter`` the USB/IP
-exporter (service ``kvmhost-usb-exporter``), ``kvmhost-usb status`` says what the host holds, exports and imports and
+exporter (service ``kvmhost-usb-exporter``), ``kvmhost-usb link up|down`` the WireGuard link to the hosts it shares
+devices with (service ``kvmhost-usb-link``), ``kvmhost-usb status`` says what the host holds, exports and imports and
 how both services are, ``kvmhost-usb version`` the collection version and build hash the program was built from.
 
 The module usb_runtime builds it from the collection's own module_utils (``_runtime_install``) as one zipapp; the
@@ -18,10 +19,10 @@ import json
 import subprocess
 import sys
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _agent, _facts, _usb, _version
+from ansible_collections.kvmhost.usb.plugins.module_utils import _agent, _facts, _link, _usb, _version
 from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import exporter
 
-SERVICES = {"agent": "kvmhost-usb-agent.service", "exporter": "kvmhost-usb-exporter.service"}
+SERVICES = {"agent": "kvmhost-usb-agent.service", "exporter": "kvmhost-usb-exporter.service", "link": "kvmhost-usb-link.service"}
 SERVICE_PROPERTIES = ("ActiveState", "SubState", "MainPID", "NRestarts", "UnitFileState")
 
 
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None, build: dict | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("agent", help="run the reattach agent (kvmhost-usb agent --help)", add_help=False)
     commands.add_parser("exporter", help="the USB/IP exporter: serve, list, imports (kvmhost-usb exporter --help)", add_help=False)
+    commands.add_parser("link", help="set up (up) or take down (down) the WireGuard link as /etc/kvmhost-usb/link.json says", add_help=False)
     shown = commands.add_parser("status", help="what this host holds, exports and imports, and how its services are")
     shown.add_argument("--uri", default="qemu:///system", help="libvirt URI (default: %(default)s)")
     shown.add_argument("--json", action="store_true", help="one JSON object, for scripts")
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None, build: dict | None = None) -> int:
         return _agent.main(rest)
     if args.command == "exporter":
         return exporter.main(rest)
+    if args.command == "link":
+        return _link.main(rest)
     if rest:
         parser.error("unrecognized arguments: %s" % " ".join(rest))
     if args.command == "version":

@@ -16,12 +16,13 @@ import ast
 import hashlib
 import importlib.util
 import io
+import json
 import os
 import zipfile
 
 from dataclasses import dataclass, field
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _runtime, _version
+from ansible_collections.kvmhost.usb.plugins.module_utils import _link, _runtime, _version
 
 PACKAGE = "ansible_collections.kvmhost.usb.plugins.module_utils"
 ENTRY = PACKAGE + "._runtime"
@@ -168,7 +169,7 @@ WantedBy=multi-user.target
 AGENT_UNIT = """# Installed by kvmhost.usb.usb_runtime (kvmhost-usb {version}, build {short}); changes here are overwritten.
 [Unit]
 Description=kvmhost.usb agent: keeps declared USB passthrough attached across unplug, replug and domain start
-After=systemd-udevd.service libvirtd.service libvirtd.socket virtqemud.socket
+After=systemd-udevd.service libvirtd.service libvirtd.socket virtqemud.socket kvmhost-usb-link.service
 
 [Service]
 Type=simple
@@ -191,7 +192,7 @@ RuntimeDirectoryPreserve=yes
 EXPORTER_UNIT = """# Installed by kvmhost.usb.usb_runtime (kvmhost-usb {version}, build {short}); changes here are overwritten.
 [Unit]
 Description=kvmhost.usb exporter: offers this host's exported USB devices over USB/IP to their importing host only
-After=systemd-udevd.service network-online.target
+After=systemd-udevd.service network-online.target kvmhost-usb-link.service
 Wants=network-online.target
 
 [Service]
@@ -206,10 +207,34 @@ RestartSec=2
 RuntimeDirectory=kvmhost-usb
 RuntimeDirectoryPreserve=yes
 
-# TCP on the link address, and writes to sysfs (usbip-host's bind, unbind and match_busid, a device's usbip_sockfd,
+# TCP on the tunnel address (the link address without encryption), and writes to sysfs (usbip-host's bind, unbind and match_busid, a device's usbip_sockfd,
 # drivers_probe). It reads /etc/kvmhost-usb/exports.json (and drops an export from it when its importer gives the
 # device back) and writes /run/kvmhost-usb/exported.json.
 """
+
+
+# The link is set up by usb_runtime itself (its errors are clearer there); the unit sets it up again at boot, before the
+# exporter and the agent, and takes it down when stopped. It needs what the others do without: network administration.
+LINK_UNIT = """# Installed by kvmhost.usb.usb_runtime (kvmhost-usb {version}, build {short}); changes here are overwritten.
+[Unit]
+Description=kvmhost.usb link: the WireGuard tunnel to the hosts this host shares USB devices with
+After=network-online.target
+Wants=network-online.target
+Before=kvmhost-usb-exporter.service kvmhost-usb-agent.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart={python} {program} link up
+ExecStop={python} {program} link down
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def link_unit(program: Build, python: str = PYTHON, path: str = PROGRAM) -> str:
+    return LINK_UNIT.format(version=program.version, short=program.hash[:12], python=python, program=path)
 
 
 def agent_unit(program: Build, uri: str, period: float, import_addresses: list, python: str = PYTHON, path: str = PROGRAM) -> str:
@@ -279,11 +304,15 @@ class File:
             os.unlink(root + self.path)
 
 
-def files(program: Build, state: str, agent: bool, exporter: bool, uri: str, period: float, import_addresses: list, python: str) -> dict:
-    """``{name: File}``: every file the runtime owns, with what it should hold for this state."""
+def files(program: Build, state: str, agent: bool, exporter: bool, uri: str, period: float, import_addresses: list, python: str, link: dict | None = None) -> dict:
+    """``{name: File}``: every file the runtime owns, with what it should hold for this state; ``link`` the link's
+    settings (``_link.settings``), None without a link."""
     present = state == "present"
     importer = present and agent and bool(import_addresses)
+    linked = present and link is not None
     return {
+        "link settings": File(_link.SETTINGS_FILE, (json.dumps(link, indent=2, sort_keys=True) + "\n").encode() if linked else None, 0o600),
+        "link unit": File(UNIT_DIR + "/kvmhost-usb-link.service", link_unit(program, python).encode() if linked else None),
         "program": File(PROGRAM, program.content if present else None, 0o755),
         "command": File(COMMAND, None, link=PROGRAM if present else None),
         "agent unit": File(

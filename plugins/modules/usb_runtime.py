@@ -67,6 +67,42 @@ options:
     description: The Python 3 interpreter the services run the program with (3.9 or later, with pyudev and libvirt-python).
     type: path
     default: /usr/bin/python3
+  link:
+    description:
+      - The WireGuard link to the hosts this host shares devices with (service C(kvmhost-usb-link), interface
+        C(kvmhost-usb)). Its key is made first on each host by M(kvmhost.usb.usb_link), whose public keys go in
+        O(link.peers). The interface gets exactly these peers, each allowed its tunnel address alone; an nftables table
+        (C(inet kvmhost_usb)) resets a connection to O(link.usbip_port) that does not come through the tunnel.
+      - Omitted (or without peers), a link set up earlier is taken down, its table and settings removed (the key stays).
+      - The settings, without any key, are kept in C(/etc/kvmhost-usb/link.json), for the service to set the link up
+        again at boot.
+    type: dict
+    suboptions:
+      address:
+        description: This host's tunnel address with its prefix length (C(10.213.0.11/16)).
+        type: str
+        required: true
+      mtu:
+        description: The tunnel's MTU (M(kvmhost.usb.usb_link) returns the right one for the link).
+        type: int
+        default: 1420
+      listen_port:
+        description: The UDP port WireGuard listens on.
+        type: int
+        default: 51871
+      usbip_port:
+        description: The USB/IP port refused outside the tunnel.
+        type: int
+        default: 3240
+      peers:
+        description:
+          - The peers, each with C(name) (inventory name), C(public_key), C(endpoint) (link address and port) and
+            C(tunnel_address).
+          - A peer whose C(public_key) is null (its host failed in this run, or is not in the play) keeps the key the
+            tunnel has for it, or is left out with a warning when it has none.
+        type: list
+        elements: dict
+        default: []
 requirements:
   - systemd on the managed host.
 notes:
@@ -112,7 +148,7 @@ changes:
   elements: str
   sample: ["write the program", "write the agent unit", "restart kvmhost-usb-agent.service"]
 services:
-  description: Each service with whether it is wanted and what the run did to it (V(restart), V(stop) or V(none)).
+  description: Each service with whether it is wanted and what the run did to it (V(restart), V(start), V(stop) or V(none)).
   returned: success
   type: dict
   sample: {"agent": {"unit": "kvmhost-usb-agent.service", "wanted": true, "action": "none"}}
@@ -120,11 +156,16 @@ services:
 
 import ipaddress
 import os
+import re
 import shutil
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _runtime, _runtime_install
+from ansible_collections.kvmhost.usb.plugins.module_utils import _link, _runtime, _runtime_install
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import LinkError
+
+
+PUBLIC_KEY = re.compile(r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw480]=$")
 
 
 class RuntimeManager:
@@ -164,6 +205,66 @@ class RuntimeManager:
         if params["agent_period"] <= 0:
             self.module.fail_json(msg="agent_period: %s is not a positive number of seconds" % params["agent_period"])
 
+    def link_settings(self):
+        """The link's settings as link.json keeps them; None without a link. Fails on malformed ones."""
+        link = self.params["link"]
+        if self.params["state"] != "present" or not link or not link["peers"]:
+            return None
+        try:
+            ipaddress.ip_interface(link["address"])
+            if "/" not in link["address"]:
+                raise ValueError("no prefix length")
+        except ValueError as error:
+            self.module.fail_json(msg="link.address: %r is not an address with its prefix length (%s)" % (link["address"], error))
+        if not 576 <= link["mtu"] <= 65535:
+            self.module.fail_json(msg="link.mtu: %s is not an MTU" % link["mtu"])
+        for peer in link["peers"]:
+            missing = [key for key in ("name", "endpoint", "tunnel_address") if not peer.get(key)]
+            if missing:
+                self.module.fail_json(msg="link.peers: %r lacks %s" % (peer, ", ".join(missing)))
+            if peer.get("public_key") is None:
+                continue
+            if not PUBLIC_KEY.match(str(peer.get("public_key") or "")):
+                self.module.fail_json(msg="link.peers: the public_key of %s is %r, not a WireGuard public key (44 characters of base64)" % (peer["name"], peer.get("public_key")))
+            try:
+                _link.check_address(str(peer["tunnel_address"]), "the tunnel_address of %s" % peer["name"])
+                _link.check_address(str(peer["endpoint"]).rsplit(":", 1)[0].strip("[]"), "the endpoint of %s" % peer["name"])
+            except LinkError as error:
+                self.module.fail_json(msg="link.peers: %s" % error)
+        return _link.settings(link["address"], link["mtu"], link["peers"], link["listen_port"], link["usbip_port"])
+
+    def known_peers(self, settings):
+        """The settings with each peer whose public key this run does not know (its host failed or is not in the play)
+        keeping the key the tunnel has for it, or left out when the tunnel has none; None when no peer is left."""
+        if settings is None or self.module.check_mode:
+            return settings
+        unknown = [peer for peer in settings["peers"] if not peer["public_key"]]
+        if not unknown:
+            return settings
+        held = dict((peer["tunnel_address"], peer["public_key"]) for peer in ((_link.current() or {}).get("peers") or []))
+        kept = []
+        for peer in settings["peers"]:
+            if not peer["public_key"] and peer["tunnel_address"] in held:
+                peer = dict(peer, public_key=held[peer["tunnel_address"]])
+            if peer["public_key"]:
+                kept.append(peer)
+            else:
+                self.module.warn(
+                    "The link to %s is left out: its public key is unknown to this run and the tunnel has none (run the "
+                    "converge on %s as well)" % (peer["name"], peer["name"])
+                )
+        return dict(settings, peers=kept) if kept else None
+
+    def link_change(self, settings):
+        """``(up, down)``: whether the interface must be set up to hold ``settings``, or taken down."""
+        try:
+            if settings is None:
+                return False, _link.is_up()
+            key = _link.public_key(self.root)
+            return _link.differs(settings, _link.current(), key), False
+        except LinkError as error:
+            self.module.fail_json(msg=str(error))
+
     def run(self):
         self.check_params()
         params = self.params
@@ -172,11 +273,25 @@ class RuntimeManager:
             program = _runtime_install.build(params["python"])
         except _runtime_install.RuntimeBuildError as error:
             self.module.fail_json(msg=str(error))
-        wanted = {"agent": present and params["agent"], "exporter": present and params["exporter"]}
+        link = self.link_settings()
+        if link is not None:
+            try:
+                for name in _link.TOOLS:
+                    _link.tool(name)
+                _link.check_kernel()
+                link = self.known_peers(link)
+            except LinkError as error:
+                self.module.fail_json(msg=str(error))
+        wanted = {"agent": present and params["agent"], "exporter": present and params["exporter"], "link": link is not None}
         files = _runtime_install.files(
             program, params["state"], params["agent"], params["exporter"], params["uri"], params["agent_period"],
-            params["import_addresses"], params["python"],
+            params["import_addresses"], params["python"], link,
         )
+        link_up, link_down = self.link_change(link)
+        if link_up:
+            self.changes.append("set up the link %s with %s" % (_link.INTERFACE, ", ".join(peer["name"] for peer in link["peers"])))
+        if link_down:
+            self.changes.append("take down the link %s" % _link.INTERFACE)
         current = dict((name, item.current(self.root)) for name, item in files.items())
         changed_files = [name for name, item in files.items() if current[name] != item.wanted()]
         for name in changed_files:
@@ -201,7 +316,10 @@ class RuntimeManager:
             active = state.get("ActiveState") in ("active", "activating", "reloading")
             action = "none"
             if wanted[role]:
-                if "program" in changed_files or "%s unit" % role in changed_files or not active:
+                if role == "link":
+                    # Set up in place (link_up); the oneshot unit only runs when it has not, so the tunnel never flaps.
+                    action = "start" if not active else "none"
+                elif "program" in changed_files or "%s unit" % role in changed_files or not active:
                     action = "restart"
                 if state.get("UnitFileState") != "enabled":
                     to_enable.append(unit)
@@ -213,7 +331,7 @@ class RuntimeManager:
             services[role] = dict(unit=unit, wanted=wanted[role], action=action)
 
         if self.changes and not self.module.check_mode:
-            self.apply(files, changed_files, services, to_enable, old_tree)
+            self.apply(files, changed_files, services, to_enable, old_tree, link if link_up else None, link_down)
         result = dict(
             changed=bool(self.changes), version=program.version, hash=program.hash, path=_runtime_install.PROGRAM,
             changes=self.changes, services=services,
@@ -222,10 +340,17 @@ class RuntimeManager:
             result["diff"] = self.diff
         self.module.exit_json(**result)
 
-    def apply(self, files, changed_files, services, to_enable, old_tree):
+    def apply(self, files, changed_files, services, to_enable, old_tree, link_up, link_down):
         for item in services.values():
             if item["action"] == "stop":
                 self.systemctl_run("disable", "--now", item["unit"])
+        try:
+            if link_down:
+                _link.down()
+            if link_up:
+                _link.up(link_up, self.root)
+        except LinkError as error:
+            self.module.fail_json(msg=str(error), changes=self.changes)
         for name in changed_files:
             if files[name].wanted() is None:
                 files[name].remove(self.root)
@@ -238,8 +363,8 @@ class RuntimeManager:
         for item in services.values():
             if item["unit"] in to_enable:
                 self.systemctl_run("enable", item["unit"])
-            if item["action"] == "restart":
-                self.systemctl_run("restart", item["unit"])
+            if item["action"] in ("restart", "start"):
+                self.systemctl_run(item["action"], item["unit"])
 
 
 def main():
@@ -252,6 +377,16 @@ def main():
             uri=dict(type="str", default="qemu:///system"),
             agent_period=dict(type="float", default=60),
             python=dict(type="path", default="/usr/bin/python3"),
+            link=dict(
+                type="dict",
+                options=dict(
+                    address=dict(type="str", required=True),
+                    mtu=dict(type="int", default=1420),
+                    listen_port=dict(type="int", default=_link.WIREGUARD_PORT),
+                    usbip_port=dict(type="int", default=3240),
+                    peers=dict(type="list", elements="dict", default=[]),
+                ),
+            ),
         ),
         supports_check_mode=True,
     )

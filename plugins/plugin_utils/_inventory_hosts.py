@@ -4,9 +4,11 @@
 """The controller's side of selectors with ``host``: the action plugins of usb_attach, usb_detach and
 usb_passthrough resolve the inventory name to the address the managed host reaches it at, then run the module.
 
-``link_address`` is the host's ``usb_link_address``, else its ``ansible_host``, else its inventory name;
-``link_port`` its ``usb_link_port`` when the inventory sets one (the exporter's port, 3240 unset); a
-selector naming the managed host itself is a local selector (``host`` dropped).
+``link_address`` is the host's ``usb_link_address``, else its ``ansible_host``, else its inventory name. The address a
+selector is resolved to, where the importer connects, is the exporting host's *USB/IP address*: its tunnel address
+(``usb_link_tunnel_address``, else derived from its link address in ``usb_link_tunnel_network``), or its link address
+when its ``usb_link_encryption`` is ``none``. ``link_port`` is its ``usb_link_port`` when the inventory sets one (the
+exporter's port, 3240 unset); a selector naming the managed host itself is a local selector (``host`` dropped).
 """
 
 from __future__ import annotations
@@ -16,20 +18,49 @@ from typing import Any
 from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
 
+from ansible_collections.kvmhost.usb.plugins.module_utils import _link
 from ansible_collections.kvmhost.usb.plugins.module_utils._declaration import REMOTE_FIELDS
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import LinkError
+
+ENCRYPTIONS = ("wireguard", "none")
 
 
-def _variable(hostvars: Any, host: str, name: str) -> Any:
+def variable(hostvars: Any, host: str, name: str) -> Any:
     variables = hostvars[host]
     return variables.get(name) if hasattr(variables, "get") else None
 
 
 def link_address(hostvars: Any, host: str) -> str:
     for name in ("usb_link_address", "ansible_host"):
-        value = _variable(hostvars, host, name)
+        value = variable(hostvars, host, name)
         if value:
             return str(value)
     return host
+
+
+def encryption(hostvars: Any, host: str) -> str:
+    """The host's ``usb_link_encryption``: ``wireguard`` unless the inventory says ``none``."""
+    return str(variable(hostvars, host, "usb_link_encryption") or "wireguard")
+
+
+def tunnel_network(hostvars: Any, host: str) -> str:
+    return str(variable(hostvars, host, "usb_link_tunnel_network") or _link.TUNNEL_NETWORK)
+
+
+def tunnel_address(hostvars: Any, host: str) -> str:
+    """The host's tunnel address; LinkError when it can be neither read nor derived."""
+    override = variable(hostvars, host, "usb_link_tunnel_address")
+    if override:
+        return _link.check_address(str(override), "usb_link_tunnel_address of %s:" % host)
+    try:
+        return _link.tunnel_address(link_address(hostvars, host), tunnel_network(hostvars, host))
+    except LinkError as error:
+        raise LinkError("%s: %s" % (host, error)) from None
+
+
+def usbip_address(hostvars: Any, host: str) -> str:
+    """Where the host's exporter is reached for USB/IP: its tunnel address, its link address without encryption."""
+    return tunnel_address(hostvars, host) if encryption(hostvars, host) == "wireguard" else link_address(hostvars, host)
 
 
 def resolve_selector(selector: Any, hostvars: Any, current: str, where: str) -> Any:
@@ -46,8 +77,11 @@ def resolve_selector(selector: Any, hostvars: Any, current: str, where: str) -> 
         )
     resolved = dict(selector)
     if not resolved.get("link_address"):
-        resolved["link_address"] = link_address(hostvars, host)
-    port = _variable(hostvars, host, "usb_link_port")
+        try:
+            resolved["link_address"] = usbip_address(hostvars, host)
+        except LinkError as error:
+            raise AnsibleActionFail("%s: %s" % (where, error)) from None
+    port = variable(hostvars, host, "usb_link_port")
     if not resolved.get("link_port") and port:
         resolved["link_port"] = port
     return resolved

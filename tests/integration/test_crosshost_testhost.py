@@ -3,7 +3,8 @@ over loopback (tests/testhost/pair.py), converged by the kvmhost.usb.converge pl
 
 Host A (kvm1, 10.77.0.1) has the stick KING0001, with a marker file written into its image on the outer
 side before boot; host B (kvm2, 10.77.0.2) has no USB device and a nested guest that declares the stick
-with ``host: kvm1``. The tests run in order on one boot of the pair and share its state: each leaves the
+with ``host: kvm1``. The converge links them with WireGuard (the default): their tunnel addresses, derived from the
+link addresses, are 10.213.0.1 and 10.213.0.2. The tests run in order on one boot of the pair and share its state: each leaves the
 stick declared for and held by B's guest, until the ones that take it back and the bad input at the end.
 The two-host tests live in this module of their own: they are the longest of the real-USB tier.
 """
@@ -11,6 +12,7 @@ The two-host tests live in this module of their own: they are the longest of the
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import time
@@ -40,6 +42,13 @@ SMOKE_DIR = "/root/usbip-smoke"
 SMOKE_PROGRAM = SMOKE_DIR + "/kvmhost-usb.pyz"
 USBIP_PORT = 3240
 SMOKE_UNIT = "usbip-smoke-exporter"
+TUNNEL = "kvmhost-usb"
+A_TUNNEL = "10.213.0.1"
+B_TUNNEL = "10.213.0.2"
+LINK_KEY = "/etc/kvmhost-usb/link.key"
+WIREGUARD_PORT = 51871
+CAPTURE = "/root/link.pcap"
+IMPOSTOR = "impostor"
 
 # Run on a test host with the runtime's zipapp on sys.path: print what an importer call returns, as JSON.
 CALL_IMPORTER = (
@@ -131,9 +140,25 @@ def stick_port(pair: LinkedPair) -> str:
     return pair.a.topology.linux_port("stick")
 
 
+def public_key(host: TestHost) -> str:
+    return host.ssh("wg", "show", TUNNEL, "public-key").stdout.strip()
+
+
+def peers(host: TestHost) -> list[str]:
+    """The public keys of the peers of the host's tunnel; None when it has no tunnel."""
+    shown = host.ssh("wg", "show", TUNNEL, "peers", check=False)
+    return shown.stdout.split() if shown.returncode == 0 else None
+
+
+def private_key(host: TestHost) -> str:
+    return host.ssh("cat", LINK_KEY).stdout.strip()
+
+
 def state(pair: LinkedPair) -> dict[str, Any]:
     """What a run must not change on either host when it fails or runs in check mode."""
     return {
+        "tunnel peers": [peers(pair.a), peers(pair.b)],
+        "link keys": [host.ssh("ls", "-l", "--time-style=+", LINK_KEY, check=False).stdout for host in (pair.a, pair.b)],
         "exports": pair.a.ssh("cat", EXPORTS, check=False).stdout,
         "stick driver on A": driver_of(pair.a, stick_port(pair)),
         "imports on B": vhci_ports_in_use(pair.b),
@@ -245,20 +270,36 @@ def test_check_mode_says_what_it_would_do_on_each_host_and_changes_nothing(pair:
     assert state(pair) == before
 
 
-def test_converge_exports_imports_and_the_marker_reads_back_on_b(pair: LinkedPair, guest_b: str, tmp_path) -> None:
+def test_converge_exports_imports_and_the_marker_reads_back_on_b_through_the_tunnel_alone(pair: LinkedPair, guest_b: str, tmp_path) -> None:
     done = converge(pair, tmp_path, declared())
     assert done.returncode == 0, done.stdout + done.stderr
     assert (done.failed[A_NAME], done.failed[B_NAME]) == (0, 0)
     assert done.changed[A_NAME] > 0 and done.changed[B_NAME] > 0, done.stdout
+    assert "share USB devices in clear text" not in done.stdout
     assert driver_of(pair.a, stick_port(pair)) == "usbip-host"
     exports = json.loads(pair.a.ssh("cat", EXPORTS).stdout)
     [export] = exports["exports"]
     assert (export["id"], export["importer"], export["domain"]) == (STICK, B_NAME, GUEST)
-    assert export["importer_address"] == pair.b_address
-    # The guest is not running: the stick is a local USB device of B, read there through the import.
+    assert (exports["listen"], export["importer_address"]) == (A_TUNNEL, B_TUNNEL)
+    # Each tunnel has exactly the other host as its peer.
+    assert (peers(pair.a), peers(pair.b)) == ([public_key(pair.b)], [public_key(pair.a)])
+    # The guest is not running: the stick is a local USB device of B, read there through the import, while A
+    # captures what crosses its link: WireGuard's UDP only, never USB/IP's TCP nor the marker's bytes.
     pair.b.wait_usb(lambda devices: any(device["serial"] == SERIAL for device in devices), timeout=90)
     assert len(vhci_ports_in_use(pair.b)) == 1
-    assert read_marker(pair.b) == MARKER
+    pair.a.ssh("systemd-run", "--unit", "link-capture", "--", "tcpdump", "-i", "eth1", "-U", "-w", CAPTURE)
+    try:
+        time.sleep(2)
+        pair.b.ssh("sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")
+        assert read_marker(pair.b) == MARKER
+        time.sleep(2)
+    finally:
+        pair.a.ssh("systemctl", "stop", "link-capture")
+    usbip = pair.a.ssh("tcpdump", "-nn", "-r", CAPTURE, "tcp port %d" % USBIP_PORT).stdout.splitlines()
+    wireguard = pair.a.ssh("tcpdump", "-nn", "-r", CAPTURE, "udp port %d" % WIREGUARD_PORT).stdout.splitlines()
+    assert usbip == [] and len(wireguard) > 10, (usbip[:5], len(wireguard))
+    captured = pair.a.ssh("python3", "-c", "import sys; print(open(sys.argv[1], 'rb').read().count(sys.argv[2].encode()))", CAPTURE, MARKER)
+    assert captured.stdout.strip() == "0"
 
 
 def test_the_started_guest_takes_the_imported_stick(pair: LinkedPair, guest_b: str) -> None:
@@ -276,13 +317,23 @@ def test_usb_facts_show_the_export_on_a_and_the_import_on_b(pair: LinkedPair, gu
     on_b = run_module_on(inventory, B_NAME, "kvmhost.usb.usb_facts")
     [stick_b] = [device for device in on_b["ansible_facts"]["usb_devices"] if device.get("serial") == SERIAL]
     assert stick_b["imported_from"]["host"] == A_NAME, stick_b
-    assert stick_b["imported_from"]["link_address"] == pair.a_address, stick_b
+    assert stick_b["imported_from"]["link_address"] == A_TUNNEL, stick_b
+    # The facts hold the link's public side at most, never a private key.
+    gathered = json.dumps(on_a) + json.dumps(on_b)
+    assert private_key(pair.a) not in gathered and private_key(pair.b) not in gathered
 
 
-def test_second_converge_changes_nothing(pair: LinkedPair, guest_b: str, tmp_path) -> None:
-    again = converge(pair, tmp_path, declared())
+def test_second_converge_changes_nothing_and_no_private_key_leaves_its_host(pair: LinkedPair, guest_b: str, tmp_path) -> None:
+    again = converge(pair, tmp_path, declared(), "-vvv")
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.changed == {A_NAME: 0, B_NAME: 0}, again.stdout
+    for host in (pair.a, pair.b):
+        assert host.ssh("stat", "-c", "%a %U %G", LINK_KEY).stdout.split() == ["600", "root", "root"]
+        key = private_key(host)
+        assert len(key) == 44 and key not in again.stdout and key not in again.stderr
+        # The public key travels (it is what the peer is configured with); the private one stays.
+        assert public_key(host) in again.stdout
+    assert not [path for path in os.listdir(tmp_path) if private_key(pair.a) in open(os.path.join(tmp_path, path), errors="replace").read()]
 
 
 # It holds by itself: each disturbance ends with the stick back in B's guest, nobody acting.
@@ -353,16 +404,80 @@ def test_link_cut_for_ten_seconds_ends_with_the_stick_back(pair: LinkedPair, gue
     assert read_guest_product(pair) == "QEMU USB HARDDRIVE"
 
 
-def test_connection_from_another_address_is_refused(pair: LinkedPair, guest_b: str) -> None:
+def test_the_usbip_port_is_refused_outside_the_tunnel_and_answered_through_it(pair: LinkedPair, guest_b: str) -> None:
     start = len(exporter_journal(pair.a))
-    stranger = pair.probe(STRANGER_ADDRESS)
-    assert stranger["outcome"] in ("refused", "closed"), stranger
-    # The same probe from B's declared address is answered: the refusal is the exporter's choice, not the link's.
-    declared_peer = pair.probe(pair.b_address)
-    assert declared_peer["outcome"] == "answered", declared_peer
-    if stranger["outcome"] == "closed":
-        assert [line for line in exporter_journal(pair.a)[start:] if STRANGER_ADDRESS in line and "refused" in line]
+    # From B's own link address, and from a stranger's: A's link address does not take USB/IP at all (the exporter
+    # listens on the tunnel address, and nftables resets the port on any other interface).
+    for source in (pair.b_address, STRANGER_ADDRESS):
+        outside = pair.probe(source)
+        assert outside["outcome"] == "refused", (source, outside)
+    assert pair.a.ssh("nft", "list", "table", "inet", "kvmhost_usb").stdout.count("reject with tcp reset") == 1
+    # Through the tunnel, from B's tunnel address: answered.
+    inside = pair.probe(B_TUNNEL, address=A_TUNNEL)
+    assert inside["outcome"] == "answered" and inside["devices"] == 1, inside
+    assert not [line for line in exporter_journal(pair.a)[start:] if "refused" in line]
     wait_in_guest_b(pair)
+
+
+IMPOSTOR_UP = """
+set -e
+ip netns add {ns}
+ip link add {ns}0 link eth1 type macvlan mode bridge
+ip link set {ns}0 netns {ns}
+ip address del {link}/24 dev eth1
+ip -n {ns} address add {link}/24 dev {ns}0
+ip -n {ns} link set {ns}0 up
+ip -n {ns} link set lo up
+ip -n {ns} link add wg0 type wireguard
+wg genkey > /run/{ns}.key
+ip netns exec {ns} wg set wg0 private-key /run/{ns}.key listen-port {port} peer {peer_key} endpoint {peer_link}:{port} allowed-ips {peer_tunnel}/32 persistent-keepalive 1
+ip -n {ns} address add {tunnel}/16 dev wg0
+ip -n {ns} link set wg0 up
+"""
+
+IMPOSTOR_DOWN = """
+ip netns del {ns}
+rm -f /run/{ns}.key
+ip address replace {link}/24 dev eth1
+"""
+
+
+def test_an_impostor_with_bs_addresses_but_not_its_key_gets_nothing(pair: LinkedPair, guest_b: str) -> None:
+    """A network namespace on B takes B's link address (B gives it up meanwhile) and B's tunnel address, with a key of
+    its own: it gets no handshake from A, so no device list and no import; B's own tunnel comes back after."""
+    wait_in_guest_b(pair)
+    values = dict(ns=IMPOSTOR, link=pair.b_address, tunnel=B_TUNNEL, port=WIREGUARD_PORT, peer_key=public_key(pair.a), peer_link=pair.a_address, peer_tunnel=A_TUNNEL)
+    start = len(exporter_journal(pair.a))
+    pair.b.ssh("sh", "-c", IMPOSTOR_UP.format(**values))
+    try:
+        # A learns the impostor's MAC for B's link address at once.
+        pair.a.ssh("ip", "neigh", "flush", "dev", "eth1")
+        through_tunnel = pair.probe(B_TUNNEL, address=A_TUNNEL, namespace=IMPOSTOR)
+        on_the_link = pair.probe(pair.b_address, namespace=IMPOSTOR)
+        handshakes = pair.b.ssh("ip", "netns", "exec", IMPOSTOR, "wg", "show", "wg0", "latest-handshakes").stdout.split()
+    finally:
+        pair.b.ssh("sh", "-c", IMPOSTOR_DOWN.format(**values))
+        pair.a.ssh("ip", "neigh", "flush", "dev", "eth1")
+    assert through_tunnel["outcome"] in ("no answer", "unreachable"), through_tunnel
+    assert on_the_link["outcome"] == "refused", on_the_link
+    assert handshakes == [public_key(pair.a), "0"], handshakes
+    assert not [line for line in exporter_journal(pair.a)[start:] if line.startswith("exported")]
+    # A still has B's real key, and B's tunnel and the stick come back.
+    assert peers(pair.a) == [public_key(pair.b)]
+    wait_in_guest_b(pair)
+
+
+def test_rotated_keys_replace_the_old_ones_on_both_hosts_and_the_stick_stays(pair: LinkedPair, guest_b: str, tmp_path) -> None:
+    wait_in_guest_b(pair)
+    old = {A_NAME: public_key(pair.a), B_NAME: public_key(pair.b)}
+    done = converge(pair, tmp_path, {B_NAME: dict(declared()[B_NAME], usb_link_rotate_keys=True), A_NAME: {"usb_link_rotate_keys": True}})
+    assert done.returncode == 0, done.stdout + done.stderr
+    new = {A_NAME: public_key(pair.a), B_NAME: public_key(pair.b)}
+    assert new[A_NAME] != old[A_NAME] and new[B_NAME] != old[B_NAME]
+    # The old keys are nowhere any more: each host knows its peer by the new key alone.
+    assert (peers(pair.a), peers(pair.b)) == ([new[B_NAME]], [new[A_NAME]])
+    wait_in_guest_b(pair)
+    assert read_guest_product(pair) == "QEMU USB HARDDRIVE"
 
 
 # Taking it back.
@@ -377,6 +492,10 @@ def test_dropping_it_from_the_declaration_removes_export_and_import(pair: Linked
     assert json.loads(pair.a.ssh("cat", EXPORTS).stdout)["exports"] == []
     pair.a.wait_usb(lambda devices: driver_of(pair.a, stick_port(pair)) == "usb", timeout=30)
     assert not [device for device in pair.b.guest_usb(guest_b) if device["host"]]
+    # No device shared any more: neither host keeps a tunnel or A its firewall table; the keys stay for next time.
+    assert (peers(pair.a), peers(pair.b)) == (None, None)
+    assert pair.a.ssh("nft", "list", "table", "inet", "kvmhost_usb", check=False).returncode != 0
+    assert pair.a.ssh("test", "-s", LINK_KEY).returncode == 0
 
 
 def test_usb_detach_ad_hoc_removes_export_and_import(pair: LinkedPair, guest_b: str, tmp_path) -> None:

@@ -15,14 +15,15 @@ from .playbook import REPO, ansible_playbook, collection_root
 from .trees import REFERENCE
 
 
-def run_module(name, args, devices=None, check_mode=False, diff=False, python=(sys.executable,), python_path=(), env=None):
+def run_module(name, args, devices=None, check_mode=False, diff=False, python=(sys.executable,), python_path=(), env=None, libvirt=True):
     """The module's JSON result. ``devices`` is a usbtree description; None means no USB at all.
 
     ``python`` is the interpreter command; ``python_path`` entries go before the collection root.
-    The module talks to the run's own libvirtd unless ``args`` names another ``uri``.
+    The module talks to the run's own libvirtd unless ``args`` names another ``uri`` (``libvirt`` False: a module
+    without libvirt, given no ``uri``).
     """
     with tempfile.TemporaryDirectory(prefix="kvmhost-usb-") as tmp:
-        module_args = dict({"uri": URI}, **args)
+        module_args = dict({"uri": URI} if libvirt else {}, **args)
         module_args["_ansible_check_mode"] = check_mode
         module_args["_ansible_diff"] = diff
         args_file = os.path.join(tmp, "args.json")

@@ -43,8 +43,9 @@ RECIPE = {
         "linux-image-amd64", "initramfs-tools", "zstd", "systemd-sysv", "udev", "dbus", "kmod",
         "iproute2", "openssh-server", "python3", "python3-pyudev", "python3-libvirt",
         "libvirt-daemon-system", "libvirt-clients", "qemu-system-x86", "usbutils",
-        # USB/IP between two linked test hosts: the roles install it, here it is already there (no mirror).
-        "usbip", "usb.ids",
+        # USB/IP between two linked test hosts, through WireGuard: the roles install them, here they are already there
+        # (no mirror); tcpdump to look at what crosses the link.
+        "usbip", "usb.ids", "wireguard-tools", "nftables", "tcpdump",
     ],
     "dpkg_excludes": [
         "/usr/share/man/*", "/usr/share/doc/*", "/usr/share/info/*", "/usr/share/locale/*",

@@ -146,13 +146,17 @@ class LinkedPair:
         with self.a.qmp() as connection:
             connection.execute("set_link", name=Link.NETDEV + "-nic", up=up)
 
-    def probe(self, source: str, port: int = USBIP_PORT) -> dict[str, Any]:
-        """From B, bound to ``source`` (an address of B's link, added if missing), ask A's USB/IP port for its device
-        list. ``outcome``: refused, closed (accepted, then closed without an answer), answered (with ``devices``),
-        unreachable or no answer."""
-        if " %s/" % source not in self.b.ssh("ip", "-o", "-4", "address", "show", "eth1").stdout:
+    def probe(self, source: str, port: int = USBIP_PORT, address: str | None = None, namespace: str | None = None) -> dict[str, Any]:
+        """From B, bound to ``source``, ask A's USB/IP port at ``address`` (its link address unless given) for its
+        device list. ``source`` is an address of B's link (added if missing), or of B's tunnel; with ``namespace``, the
+        probe runs in that network namespace of B. ``outcome``: refused, closed (accepted, then closed without an
+        answer), answered (with ``devices``), unreachable or no answer."""
+        command = ["python3", "-", source, address or self.a_address, str(port)]
+        if namespace:
+            command = ["ip", "netns", "exec", namespace] + command
+        elif source.startswith(self.a_address.rsplit(".", 1)[0] + ".") and " %s/" % source not in self.b.ssh("ip", "-o", "-4", "address", "show", "eth1").stdout:
             self.b.ssh("ip", "address", "add", source + "/24", "dev", "eth1")
-        result = self.b.ssh("python3", "-", source, self.a_address, str(port), input=PROBE)
+        result = self.b.ssh(*command, input=PROBE)
         return json.loads(result.stdout)
 
     def inventory(self, directory: str | os.PathLike, hostvars: dict[str, dict[str, Any]] | None = None) -> str:

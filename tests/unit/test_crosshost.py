@@ -266,18 +266,23 @@ def shown_var(process, name):
     return yaml.safe_load(body)[name]
 
 
+# This machine's kernel has no WireGuard: the unit tier's fleets use plain USB/IP (usb_link_encryption none); the
+# tunnel is on the linked test hosts (tests/integration/test_crosshost_testhost.py).
+CLEAR = {"usb_link_encryption": "none"}
 FLEET = {
-    "kvm1": {},
-    "kvm2": {"usb_link_address": "10.77.0.2", "ansible_host": "192.0.2.2"},
-    "kvm3": {"ansible_host": "127.0.0.3"},
-    "kvm4": {},
-    "kvm5": {"usb_link_address": "10.77.0.5", "usb_link_port": 3241},
+    "kvm1": dict(CLEAR),
+    "kvm2": dict(CLEAR, usb_link_address="10.77.0.2", ansible_host="192.0.2.2"),
+    "kvm3": dict(CLEAR, ansible_host="127.0.0.3"),
+    "kvm4": dict(CLEAR),
+    "kvm5": dict(CLEAR, usb_link_address="10.77.0.5", usb_link_port=3241),
+    "kvm6": {"usb_link_address": "10.77.0.6"},
 }
 
 
 @pytest.mark.parametrize(
     "host, address",
-    [("kvm2", "10.77.0.2"), ("kvm3", "127.0.0.3"), ("kvm4", "kvm4"), ("kvm5", "10.77.0.5:3241")],
+    [("kvm2", "10.77.0.2"), ("kvm3", "127.0.0.3"), ("kvm4", "kvm4"), ("kvm5", "10.77.0.5:3241"), ("kvm6", "10.213.0.6")],
+    ids=["link address", "ansible_host", "inventory name", "link port", "tunnel address"],
 )
 def test_action_plugin_fills_link_address_from_the_inventory(tmp_path, domains, host, address):
     name = domains.define("xhost-inv")
@@ -310,10 +315,10 @@ def test_action_plugin_fails_for_a_host_not_in_the_inventory(tmp_path, domains):
 
 def test_exports_are_computed_from_every_host_of_the_inventory(tmp_path):
     hosts = {
-        "kvm1": {"usb_link_address": "10.77.0.1"},
-        "kvm2": {"usb_link_address": "10.77.0.2", "usb_passthrough": {"buildvm": {"devices": [{"host": "kvm1", "id": KINGSTON_ID}, "0627:0001"]}}},
-        "kvm3": {"ansible_host": "127.0.0.3", "usb_passthrough": {"testvm": {"devices": [{"host": "kvm1", "vendor_id": "0627", "product_id": "0001"}]}}},
-        "kvm4": {"usb_passthrough": {"other": {"devices": [{"host": "kvm2", "id": STICK_ID}]}}},
+        "kvm1": dict(CLEAR, usb_link_address="10.77.0.1"),
+        "kvm2": dict(CLEAR, usb_link_address="10.77.0.2", usb_passthrough={"buildvm": {"devices": [{"host": "kvm1", "id": KINGSTON_ID}, "0627:0001"]}}),
+        "kvm3": dict(CLEAR, ansible_host="127.0.0.3", usb_passthrough={"testvm": {"devices": [{"host": "kvm1", "vendor_id": "0627", "product_id": "0001"}]}}),
+        "kvm4": dict(CLEAR, usb_passthrough={"other": {"devices": [{"host": "kvm2", "id": STICK_ID}]}}),
     }
     task = {"ansible.builtin.set_fact": {"exported": "{{ hostvars | kvmhost.usb.usb_exports(inventory_hostname, groups['all']) }}"}}
     process = run_playbook(tmp_path, hosts, [task, registered("exported")])
@@ -325,7 +330,15 @@ def test_exports_are_computed_from_every_host_of_the_inventory(tmp_path):
         ],
         "conflicts": [],
         "link_address": "10.77.0.1",
+        "listen_address": "10.77.0.1",
         "import_addresses": [],
+        "encryption": "none",
+        "peers": [
+            {"name": "kvm2", "link_address": "10.77.0.2", "tunnel_address": None, "endpoint": None},
+            {"name": "kvm3", "link_address": "127.0.0.3", "tunnel_address": None, "endpoint": None},
+        ],
+        "link": None,
+        "clear_links": ["%s and %s share USB devices in clear text (usb_link_encryption none)" % pair for pair in (("kvm1", "kvm2"), ("kvm1", "kvm3"), ("kvm2", "kvm4"))],
     }
 
 
@@ -374,8 +387,8 @@ def test_role_in_check_mode_reports_the_export_and_the_import_and_changes_nothin
     name = domains.define("xhost-role")
     before = domains.snapshot()
     hosts = {
-        "kvm1": {"usb_link_address": "10.77.0.1"},
-        "kvm2": {"usb_link_address": "10.77.0.2", "usb_passthrough": {name: {"devices": [{"host": "kvm1", "id": KINGSTON_ID}]}}},
+        "kvm1": dict(CLEAR, usb_link_address="10.77.0.1"),
+        "kvm2": dict(CLEAR, usb_link_address="10.77.0.2", usb_passthrough={name: {"devices": [{"host": "kvm1", "id": KINGSTON_ID}]}}),
     }
     exports = tmp_path / "exports.json"
     process = run_playbook(tmp_path, hosts, None, "--check", roles=["kvmhost.usb.passthrough"], play_hosts="all", env={"KVMHOST_USB_EXPORTS": str(exports)})
@@ -384,5 +397,25 @@ def test_role_in_check_mode_reports_the_export_and_the_import_and_changes_nothin
         name: ["would import id=%s from kvm1 (10.77.0.1)" % KINGSTON_ID, "record the intent of %s (persistent): %s" % (name, KINGSTON_ID)]
     }
     assert reported(process, "kvm1") == {"exports to other hosts": ["export %s to kvm2 (10.77.0.2) for %s" % (KINGSTON_ID, name)]}
+    assert not exports.exists()
+    assert domains.snapshot() == before
+    # Plain USB/IP is warned about once in the run, not once a host.
+    assert process.stdout.count("WARNING: kvm1 and kvm2 share USB devices in clear text (usb_link_encryption none).") == 1, process.stdout
+
+
+def test_role_with_encryption_fails_clearly_on_a_host_that_cannot_make_the_link_and_changes_nothing(tmp_path, domains):
+    # This machine is the unit tier's "host": its kernel has no wireguard module (the linked test hosts have).
+    name = domains.define("xhost-nowg")
+    before = domains.snapshot()
+    hosts = {
+        "kvm1": {"usb_link_address": "127.0.0.1"},
+        "kvm2": {"usb_link_address": "192.0.2.12", "usb_passthrough": {name: {"devices": [{"host": "kvm1", "id": KINGSTON_ID}]}}},
+    }
+    exports = tmp_path / "exports.json"
+    process = run_playbook(tmp_path, hosts, None, roles=["kvmhost.usb.passthrough"], play_hosts="all", env={"KVMHOST_USB_EXPORTS": str(exports)})
+    assert process.returncode != 0
+    assert "fatal: [kvm1]: FAILED! => {\"changed\": false, \"msg\": \"the wireguard kernel module is missing: boot a kernel with WireGuard" in process.stdout, process.stdout
+    assert "usb_link_address 192.0.2.12 is not an address of this host (it has " in process.stdout, process.stdout
+    assert "TASK [kvmhost.usb.passthrough : Export the declared devices" not in process.stdout
     assert not exports.exists()
     assert domains.snapshot() == before

@@ -235,7 +235,7 @@ def test_status_says_what_the_host_holds_in_words_and_in_json(host):
     [attached] = report["attached"]
     assert attached["id"].startswith(kingston) and attached["domains"] == ["runtime-status"] and attached["live"] == []
     assert report["exports"] == [] and report["imports"] == []
-    assert set(report["services"]) == {"agent", "exporter"}
+    assert set(report["services"]) == {"agent", "exporter", "link"}
     assert report["version"] and len(report["hash"]) == 64
     assert "attached  %s at %s to runtime-status (persistent only)" % (attached["id"], KINGSTON["port"]) in words.stdout
     assert words.stdout.startswith("kvmhost-usb %s (build %s)" % (report["version"], report["hash"][:12]))
@@ -246,3 +246,28 @@ def test_the_version_the_runtime_reports_is_galaxy_ymls():
         galaxy = yaml.safe_load(handle)
     source = open(os.path.join(REPO, "plugins", "module_utils", "_version.py")).read()
     assert 'COLLECTION_VERSION = "%s"' % galaxy["version"] in source
+
+
+LINK = {
+    "address": "10.213.50.11/16",
+    "mtu": 1420,
+    "peers": [{"name": "kvm2", "public_key": "A" * 43 + "=", "endpoint": "192.168.50.12:51871", "tunnel_address": "10.213.50.12"}],
+}
+
+
+@pytest.mark.parametrize(
+    "link, message",
+    [
+        (dict(LINK, address="10.213.50.11"), "link.address: '10.213.50.11' is not an address with its prefix length"),
+        (dict(LINK, peers=[dict(LINK["peers"][0], public_key="secret")]), "the public_key of kvm2 is 'secret', not a WireGuard public key"),
+        (dict(LINK, peers=[dict(LINK["peers"][0], endpoint="kvm2:51871")]), "the endpoint of kvm2 'kvm2' is not an IP address"),
+        (dict(LINK, mtu=100), "link.mtu: 100 is not an MTU"),
+        # Well-formed: this machine's kernel has no wireguard module (the linked test hosts have it).
+        (LINK, "the wireguard kernel module is missing"),
+    ],
+    ids=["no prefix", "bad key", "endpoint a name", "mtu", "no wireguard here"],
+)
+def test_a_link_that_cannot_be_fails_clearly_and_writes_nothing(host, link, message):
+    result = host.run(exporter=True, link=link)
+    assert result["failed"] and message in result["msg"], result
+    assert host.snapshot() == {} and host.calls() == []
