@@ -1,15 +1,17 @@
 # Copyright (c) 2026, kvmhost.usb contributors
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""A USB device used across hosts (USB/IP between two linked test hosts) against the same device used locally.
+"""A USB device used across hosts (USB/IP between two linked test hosts), through the WireGuard tunnel and in clear
+text, against the same device used locally.
 
 * replug latency: the stick on host A is pulled out through QMP; once the guest holding it no longer
   lists it, QMP ``device_add`` plugs it back in, and the time until the guest's ``info usb`` lists it
   again is taken (tests/testhost/replug.py's watcher). Host-local: the guest runs on A itself,
   reattached by A's agent. Across hosts: the guest runs on B, declared with ``host: kvm1``, brought back
-  by A's exporter, B's agent import and attach. Median of ``--replugs`` each.
+  by A's exporter, B's agent import and attach; once over plain USB/IP (``usb_link_encryption: none``), once
+  through the tunnel (the default). Median of ``--replugs`` each.
 * bulk read: ``dd`` of the whole stick with O_DIRECT, on A directly and on B through the import
-  (B's guest shut off, so the stick is a local device of B), median of ``--reads`` each; the ratio
-  of the throughputs.
+  (B's guest shut off, so the stick is a local device of B), plain and through the tunnel, median of ``--reads``
+  each; the ratios of the throughputs.
 
 Both setups are made by the kvmhost.usb.converge playbook over the two hosts. Timings are reported,
 never asserted; the exit status says whether the device came back every time. Under TCG on a shared
@@ -89,27 +91,35 @@ def main() -> int:
             local = replugs(args.replugs, pair.a, pair.a, "host-local")
             converge(pair, tmp, {A_NAME: {"usb_passthrough": {GUEST: {"devices": []}}}})
 
-        pair.b.create_guest(GUEST, start=False)
-        try:
-            converge(pair, tmp, {B_NAME: {"usb_passthrough": {GUEST: {"devices": [{"host": A_NAME, "id": STICK}]}}}})
-            pair.b.wait_usb(lambda devices: any(device["serial"] == SERIAL for device in devices), timeout=120)
-            imported = [bulk_read(pair.b) for read in range(args.reads)]
-            print("bulk read on B through USB/IP: %s MB/s" % ", ".join("%.1f" % rate for rate in imported), flush=True)
-            pair.b.ssh("virsh", "-q", "-c", "qemu:///system", "start", GUEST)
-            wait_in_guest(pair.b, GUEST, SERIAL, timeout=180)
-            remote = replugs(args.replugs, pair.a, pair.b, "across hosts")
-        finally:
-            pair.b.remove_guest(GUEST)
+        remote = {}
+        imported = {}
+        for encryption in ("none", "wireguard"):
+            label = "across hosts, %s" % ("plain USB/IP" if encryption == "none" else "tunnel")
+            link = {"usb_link_encryption": encryption}
+            pair.b.create_guest(GUEST, start=False)
+            try:
+                converge(pair, tmp, {A_NAME: link, B_NAME: dict(link, usb_passthrough={GUEST: {"devices": [{"host": A_NAME, "id": STICK}]}})})
+                pair.b.wait_usb(lambda devices: any(device["serial"] == SERIAL for device in devices), timeout=120)
+                imported[encryption] = [bulk_read(pair.b) for read in range(args.reads)]
+                print("bulk read on B, %s: %s MB/s" % (label, ", ".join("%.1f" % rate for rate in imported[encryption])), flush=True)
+                pair.b.ssh("virsh", "-q", "-c", "qemu:///system", "start", GUEST)
+                wait_in_guest(pair.b, GUEST, SERIAL, timeout=180)
+                remote[encryption] = replugs(args.replugs, pair.a, pair.b, label)
+                converge(pair, tmp, {A_NAME: link, B_NAME: dict(link, usb_passthrough={GUEST: {"devices": []}})})
+            finally:
+                pair.b.remove_guest(GUEST)
 
     print()
     print("from QMP device_add on A to the stick in the guest's info usb (median, min-max, %d replugs):" % args.replugs)
-    print("  host-local (guest on A)    %6.2f s  (%.2f-%.2f)" % (statistics.median(local), min(local), max(local)))
-    print("  across hosts (guest on B)  %6.2f s  (%.2f-%.2f)" % (statistics.median(remote), min(remote), max(remote)))
-    print("  ratio                      %6.1fx" % (statistics.median(remote) / statistics.median(local)))
+    rows = [("host-local (guest on A)", local), ("across hosts, plain USB/IP", remote["none"]), ("across hosts, tunnel", remote["wireguard"])]
+    for label, times in rows:
+        median = statistics.median(times)
+        print("  %-28s %6.2f s  (%.2f-%.2f)  %5.1fx host-local" % (label, median, min(times), max(times), median / statistics.median(local)))
     print("bulk read of the stick, O_DIRECT (median of %d):" % args.reads)
-    print("  on A directly              %6.1f MB/s" % statistics.median(direct))
-    print("  on B through USB/IP        %6.1f MB/s" % statistics.median(imported))
-    print("  ratio                      %6.2f" % (statistics.median(imported) / statistics.median(direct)))
+    rows = [("on A directly", direct), ("on B, plain USB/IP", imported["none"]), ("on B, tunnel", imported["wireguard"])]
+    for label, rates in rows:
+        print("  %-28s %6.1f MB/s  %5.2f of direct" % (label, statistics.median(rates), statistics.median(rates) / statistics.median(direct)))
+    print("  tunnel / plain              %6.2f" % (statistics.median(imported["wireguard"]) / statistics.median(imported["none"])))
     return 0
 
 

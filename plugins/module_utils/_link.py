@@ -195,14 +195,38 @@ def current() -> dict | None:
     }
 
 
+def status(root: str = "") -> dict | None:
+    """What ``kvmhost-usb status`` says of the link: the interface's address and each peer by name, with its tunnel
+    address and last handshake (seconds since the epoch, 0 for none); None without a link (or without the tools)."""
+    try:
+        now = current()
+    except LinkError:
+        return None
+    if now is None:
+        return None
+    names = dict((peer["public_key"], peer["name"]) for peer in (read_settings(root) or {}).get("peers", []))
+    return {
+        "interface": INTERFACE,
+        "address": now["address"],
+        "peers": [
+            {"name": names.get(peer["public_key"], "unknown"), "tunnel_address": peer["tunnel_address"], "handshake": peer["handshake"]}
+            for peer in now["peers"]
+        ],
+    }
+
+
 def differs(wanted: dict, now: dict | None, key: str | None) -> bool:
     """Whether the interface must be set up again to hold ``wanted`` with the private key whose public key is ``key``."""
     if now is None:
         return True
-    peers = sorted(({"public_key": peer["public_key"], "endpoint": peer["endpoint"], "tunnel_address": peer["tunnel_address"]} for peer in wanted["peers"]), key=lambda peer: peer["public_key"])
-    held = [{"public_key": peer["public_key"], "endpoint": peer["endpoint"], "tunnel_address": peer["tunnel_address"]} for peer in now["peers"]]
+    peers = _compared(wanted["peers"])
+    held = _compared(now["peers"])
     return (now["public_key"], now["address"], now["mtu"], now["up"], now["listen_port"], held, now["firewall"]) != (
         key, wanted["address"], wanted["mtu"], True, wanted["listen_port"], peers, True)
+
+
+def _compared(peers: list) -> list:
+    return sorted((peer["public_key"], peer["endpoint"], peer["tunnel_address"]) for peer in peers)
 
 
 def firewall_present() -> bool:

@@ -18,6 +18,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 
 from ansible_collections.kvmhost.usb.plugins.module_utils import _agent, _facts, _link, _usb, _version
 from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import exporter
@@ -63,6 +64,7 @@ def status(uri: str, build: dict) -> dict:
         attached=attached,
         exports=exports,
         imports=imports,
+        link=_link.status(),
         warnings=host["warnings"],
     )
 
@@ -80,6 +82,10 @@ def _service_line(role: str, state: dict) -> str:
     return line
 
 
+def _handshake(when: int) -> str:
+    return "handshake at %s" % time.strftime("%H:%M:%S", time.localtime(when)) if when else "no handshake yet"
+
+
 def status_lines(report: dict) -> list[str]:
     lines = ["kvmhost-usb %s (build %s)" % (report["version"], (report["hash"] or "unknown")[:12])]
     lines += [_service_line(role, report["services"][role]) for role in SERVICES]
@@ -90,6 +96,12 @@ def status_lines(report: dict) -> list[str]:
         lines.append("export    %s at %s to %s (%s) for %s" % (item["id"], item["port"], item.get("host"), item.get("address"), item.get("domain")))
     for item in report["imports"]:
         lines.append("import    %s at %s from %s (%s) bus id %s" % (item["id"], item["port"], item.get("host"), item.get("link_address"), item.get("busid")))
+    link = report.get("link")
+    if link:
+        peers = ", ".join(
+            "%s (%s, %s)" % (peer["name"], peer["tunnel_address"], _handshake(peer["handshake"])) for peer in link["peers"]
+        )
+        lines.append("link      %s %s to %s" % (link["interface"], link["address"], peers or "no peer"))
     if not (report["attached"] or report["exports"] or report["imports"]):
         lines.append("no device attached, exported or imported")
     lines += ["warning   %s" % warning for warning in report["warnings"]]

@@ -304,7 +304,9 @@ class File:
             os.unlink(root + self.path)
 
 
-def files(program: Build, state: str, agent: bool, exporter: bool, uri: str, period: float, import_addresses: list, python: str, link: dict | None = None) -> dict:
+def files(
+    program: Build, state: str, agent: bool, exporter: bool, uri: str, period: float, import_addresses: list, python: str, link: dict | None = None
+) -> dict:
     """``{name: File}``: every file the runtime owns, with what it should hold for this state; ``link`` the link's
     settings (``_link.settings``), None without a link."""
     present = state == "present"

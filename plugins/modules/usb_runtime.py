@@ -225,7 +225,9 @@ class RuntimeManager:
             if peer.get("public_key") is None:
                 continue
             if not PUBLIC_KEY.match(str(peer.get("public_key") or "")):
-                self.module.fail_json(msg="link.peers: the public_key of %s is %r, not a WireGuard public key (44 characters of base64)" % (peer["name"], peer.get("public_key")))
+                self.module.fail_json(
+                    msg="link.peers: the public_key of %s is %r, not a WireGuard public key (44 characters of base64)" % (peer["name"], peer.get("public_key"))
+                )
             try:
                 _link.check_address(str(peer["tunnel_address"]), "the tunnel_address of %s" % peer["name"])
                 _link.check_address(str(peer["endpoint"]).rsplit(":", 1)[0].strip("[]"), "the endpoint of %s" % peer["name"])

@@ -318,6 +318,10 @@ def test_usb_facts_show_the_export_on_a_and_the_import_on_b(pair: LinkedPair, gu
     [stick_b] = [device for device in on_b["ansible_facts"]["usb_devices"] if device.get("serial") == SERIAL]
     assert stick_b["imported_from"]["host"] == A_NAME, stick_b
     assert stick_b["imported_from"]["link_address"] == A_TUNNEL, stick_b
+    # kvmhost-usb status names the link's peer, as it does the export and the import.
+    shown = json.loads(pair.a.ssh("kvmhost-usb", "status", "--json").stdout)
+    assert shown["link"]["address"] == A_TUNNEL + "/16" and [peer["name"] for peer in shown["link"]["peers"]] == [B_NAME], shown["link"]
+    assert "link      kvmhost-usb %s/16 to %s (%s, handshake at " % (A_TUNNEL, B_NAME, B_TUNNEL) in pair.a.ssh("kvmhost-usb", "status").stdout
     # The facts hold the link's public side at most, never a private key.
     gathered = json.dumps(on_a) + json.dumps(on_b)
     assert private_key(pair.a) not in gathered and private_key(pair.b) not in gathered
@@ -430,7 +434,8 @@ ip -n {ns} link set {ns}0 up
 ip -n {ns} link set lo up
 ip -n {ns} link add wg0 type wireguard
 wg genkey > /run/{ns}.key
-ip netns exec {ns} wg set wg0 private-key /run/{ns}.key listen-port {port} peer {peer_key} endpoint {peer_link}:{port} allowed-ips {peer_tunnel}/32 persistent-keepalive 1
+ip netns exec {ns} wg set wg0 private-key /run/{ns}.key listen-port {port} \
+    peer {peer_key} endpoint {peer_link}:{port} allowed-ips {peer_tunnel}/32 persistent-keepalive 1
 ip -n {ns} address add {tunnel}/16 dev wg0
 ip -n {ns} link set wg0 up
 """
@@ -446,7 +451,9 @@ def test_an_impostor_with_bs_addresses_but_not_its_key_gets_nothing(pair: Linked
     """A network namespace on B takes B's link address (B gives it up meanwhile) and B's tunnel address, with a key of
     its own: it gets no handshake from A, so no device list and no import; B's own tunnel comes back after."""
     wait_in_guest_b(pair)
-    values = dict(ns=IMPOSTOR, link=pair.b_address, tunnel=B_TUNNEL, port=WIREGUARD_PORT, peer_key=public_key(pair.a), peer_link=pair.a_address, peer_tunnel=A_TUNNEL)
+    values = dict(
+        ns=IMPOSTOR, link=pair.b_address, tunnel=B_TUNNEL, port=WIREGUARD_PORT, peer_key=public_key(pair.a), peer_link=pair.a_address, peer_tunnel=A_TUNNEL
+    )
     start = len(exporter_journal(pair.a))
     pair.b.ssh("sh", "-c", IMPOSTOR_UP.format(**values))
     try:

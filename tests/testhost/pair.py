@@ -154,8 +154,9 @@ class LinkedPair:
         command = ["python3", "-", source, address or self.a_address, str(port)]
         if namespace:
             command = ["ip", "netns", "exec", namespace] + command
-        elif source.startswith(self.a_address.rsplit(".", 1)[0] + ".") and " %s/" % source not in self.b.ssh("ip", "-o", "-4", "address", "show", "eth1").stdout:
-            self.b.ssh("ip", "address", "add", source + "/24", "dev", "eth1")
+        elif source.startswith(self.a_address.rsplit(".", 1)[0] + "."):
+            if " %s/" % source not in self.b.ssh("ip", "-o", "-4", "address", "show", "eth1").stdout:
+                self.b.ssh("ip", "address", "add", source + "/24", "dev", "eth1")
         result = self.b.ssh(*command, input=PROBE)
         return json.loads(result.stdout)
 

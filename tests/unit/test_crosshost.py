@@ -338,7 +338,9 @@ def test_exports_are_computed_from_every_host_of_the_inventory(tmp_path):
             {"name": "kvm3", "link_address": "127.0.0.3", "tunnel_address": None, "endpoint": None},
         ],
         "link": None,
-        "clear_links": ["%s and %s share USB devices in clear text (usb_link_encryption none)" % pair for pair in (("kvm1", "kvm2"), ("kvm1", "kvm3"), ("kvm2", "kvm4"))],
+        "clear_links": [
+            "%s and %s share USB devices in clear text (usb_link_encryption none)" % pair for pair in (("kvm1", "kvm2"), ("kvm1", "kvm3"), ("kvm2", "kvm4"))
+        ],
     }
 
 
@@ -414,7 +416,8 @@ def test_role_with_encryption_fails_clearly_on_a_host_that_cannot_make_the_link_
     exports = tmp_path / "exports.json"
     process = run_playbook(tmp_path, hosts, None, roles=["kvmhost.usb.passthrough"], play_hosts="all", env={"KVMHOST_USB_EXPORTS": str(exports)})
     assert process.returncode != 0
-    assert "fatal: [kvm1]: FAILED! => {\"changed\": false, \"msg\": \"the wireguard kernel module is missing: boot a kernel with WireGuard" in process.stdout, process.stdout
+    fatal = 'fatal: [kvm1]: FAILED! => {"changed": false, "msg": "the wireguard kernel module is missing: boot a kernel with WireGuard'
+    assert fatal in process.stdout, process.stdout
     assert "usb_link_address 192.0.2.12 is not an address of this host (it has " in process.stdout, process.stdout
     assert "TASK [kvmhost.usb.passthrough : Export the declared devices" not in process.stdout
     assert not exports.exists()

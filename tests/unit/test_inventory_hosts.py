@@ -48,9 +48,12 @@ def test_with_encryption_another_host_is_reached_at_its_tunnel_address_derived_f
         "kvm3": {"usb_link_address": "192.168.50.13", "usb_link_tunnel_network": "10.50.0.0/24"},
         "kvm4": {"ansible_host": "kvm4.example.org"},
     }
-    resolved = {host: resolve_selector({"host": host, "id": "46f4:0001:KING0001"}, hostvars, "kvm9", "Domain vm")["link_address"] for host in ("kvm1", "kvm2", "kvm3")}
+    resolved = dict(
+        (host, resolve_selector({"host": host, "id": "46f4:0001:KING0001"}, hostvars, "kvm9", "Domain vm")["link_address"]) for host in ("kvm1", "kvm2", "kvm3")
+    )
     assert resolved == {"kvm1": "10.213.50.11", "kvm2": "10.99.0.7", "kvm3": "10.50.0.13"}
-    with pytest.raises(AnsibleActionFail, match=r"Domain vm: kvm4: Cannot derive a tunnel address: link address 'kvm4.example.org' is not an IP address; set usb_link_address"):
+    underivable = r"Domain vm: kvm4: Cannot derive a tunnel address: link address 'kvm4.example.org' is not an IP address; set usb_link_address"
+    with pytest.raises(AnsibleActionFail, match=underivable):
         resolve_selector({"host": "kvm4", "id": "46f4:0001:KING0001"}, hostvars, "kvm9", "Domain vm")
 
 
@@ -60,7 +63,8 @@ def test_a_host_not_in_the_inventory_fails_naming_it():
 
 
 def test_usb_exports_gives_the_link_addresses_and_checks_each_declaration_as_the_modules_do():
-    hostvars = dict(HOSTVARS, kvm2={"usb_link_encryption": "none", "ansible_host": "192.0.2.2", "usb_passthrough": {"vm": {"devices": [{"host": "kvm1", "id": "46f4:0001:KING0001"}]}}})
+    declared = {"vm": {"devices": [{"host": "kvm1", "id": "46f4:0001:KING0001"}]}}
+    hostvars = dict(HOSTVARS, kvm2=dict(CLEAR, ansible_host="192.0.2.2", usb_passthrough=declared))
     exported = usb_exports(hostvars, "kvm2", ["kvm1", "kvm2", "kvm3"])
     assert exported["link_address"] == "192.0.2.2"
     assert exported["import_addresses"] == ["10.77.0.1"]
