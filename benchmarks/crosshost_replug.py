@@ -7,8 +7,10 @@ text, against the same device used locally.
   lists it, QMP ``device_add`` plugs it back in, and the time until the guest's ``info usb`` lists it
   again is taken (tests/testhost/replug.py's watcher). Host-local: the guest runs on A itself,
   reattached by A's agent. Across hosts: the guest runs on B, declared with ``host: kvm1``, brought back
-  by A's exporter, B's agent import and attach; once over plain USB/IP (``usb_link_encryption: none``), once
-  through the tunnel (the default). Median of ``--replugs`` each.
+  by A's exporter, B's agent import and attach: B's agent, its import lost, watches for the stick on A's
+  exporter (OP_REQ_WATCH), which tells it the moment the stick is bound again, and imports at once rather than
+  at its next timed retry. Once over plain USB/IP (``usb_link_encryption: none``), once through the tunnel (the
+  default). Median of ``--replugs`` each.
 * bulk read: ``dd`` of the whole stick with O_DIRECT, on A directly and on B through the import
   (B's guest shut off, so the stick is a local device of B), plain and through the tunnel, median of ``--reads``
   each; the ratios of the throughputs.

@@ -17,6 +17,10 @@ A device another KVM host exports to this one (an intent entry with ``host`` and
 USB/IP first (``_crosshost.Imports``), so that it is a local device when the domain is planned; while
 the import fails (the exporting host, its exporter or the link down) passes come sooner, with backoff, and the failure
 is logged once; an import lost (the device replugged over there, the connection broken) is logged and made again.
+While the exporter answers that it has the device away (not plugged in, in use, not available), the agent also watches
+for it (``wire.open_watch``, one connection per import away, in the event loop): the exporter says the moment it is
+back, and a pass comes at once. The timed passes go on beside it, and are all there is with an exporter that does not
+know the watch (it closes the connection).
 
 Domains without the intent are never touched. ``Agent`` runs the passes: at start, at once on a udev
 (usb_device add/remove) or libvirt (domain started) event that follows a quiet moment, after a burst of
@@ -34,13 +38,15 @@ Run it as ``python3 -m ansible_collections.kvmhost.usb.plugins.module_utils._age
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import time
 
 from dataclasses import dataclass
 
 from ansible_collections.kvmhost.usb.plugins.module_utils import _crosshost, _host, _libvirt, _lock, _passthrough, _usb
-from ansible_collections.kvmhost.usb.plugins.module_utils._errors import LibvirtError, PassthroughError
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import LibvirtError, PassthroughError, UsbipError
+from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import wire
 
 LIVE = _host.LIVE
 PERSISTENT = _host.PERSISTENT
@@ -65,6 +71,16 @@ class Action:
         if self.verb == "re-bound":
             return "re-bound %s in %s (%s, %s)" % (self.device_id, self.domain, self.scope, where)
         return "removed stale %s from %s (%s, %s); intent kept" % (self.device_id, self.domain, self.scope, where)
+
+
+@dataclass
+class Watch:
+    """A watch the agent holds open on an exporter (``wire.open_watch``) for an import away."""
+
+    sock: socket.socket
+    handle: int  # its handle in the event loop
+    away: dict  # what ``Imports.away`` says of the import
+    opened: float
 
 
 def declares(domain):
@@ -123,7 +139,8 @@ def reconcile(conn, uri="qemu:///system", check_mode=False, importer=None):
     with _lock.maybe_lock(check_mode):
         planner.enumerate()
         planner.load_domains()
-        if _crosshost.remote_entries(planner.model) or (importer is not None and importer.records):
+        # With no remote entry left, an importer that held or failed imports forgets them (and its watches end).
+        if _crosshost.remote_entries(planner.model) or (importer is not None and (importer.records or importer.pending)):
             importer = importer if importer is not None else _crosshost.Imports(check_mode, IMPORT_TIMEOUT)
             planner.imports = importer
             imported_lines, imported = importer.keep(planner.model)
@@ -198,6 +215,11 @@ TICK_MS = 100
 RETRY_DELAYS = (0.5, 1.0, 2.0)
 # While an import fails: the next pass after these many seconds, then every last one of them.
 IMPORT_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)
+# Seconds to open a watch: the exporter has just answered the import's request.
+WATCH_TIMEOUT = 5.0
+# A watch answered "not yet" after being held this long at least is opened again at once; one answered sooner waits for
+# the next timed pass, so that no exporter can make the agent loop.
+WATCH_HELD_LEAST = 10.0
 
 
 class Agent:
@@ -220,6 +242,8 @@ class Agent:
         self.importer = _crosshost.Imports(timeout=IMPORT_TIMEOUT)
         self.import_retry = None
         self.import_retries = 0
+        self.watches = {}  # selector key -> Watch
+        self.unwatched = set()  # the keys whose exporter refused the watch, until they are no longer away
 
     def log(self, line):
         self.out.write(line + "\n")
@@ -319,7 +343,9 @@ class Agent:
 
     # Passes
 
-    def pass_(self):
+    def pass_(self, skip=()):
+        """One pass (``reconcile``), the next ones scheduled; ``skip``: imports whose watch just said they are back,
+        watched again by a later pass only, so that an import that still fails never loops on its watch."""
         if self.conn is None:
             self.conn = self.connect()
             if self.conn is None:
@@ -335,6 +361,7 @@ class Agent:
                 self.log("reconcile failed: %s" % message)
             return
         self.schedule_import_retry()
+        self.watch_away(skip)
         skipped = [line for line in lines if line.startswith("not attaching")]
         for line in lines:
             # A device another domain holds is reported once, not on every pass.
@@ -355,6 +382,49 @@ class Agent:
     def on_import_retry(self, _timer, _opaque):
         _libvirt.libvirt.virEventUpdateTimeout(self.import_retry, -1)
         self.pass_()
+
+    # Watches: the exporter says when an import away is back
+
+    def watch_away(self, skip=()):
+        """Open a watch for each import away that has none; close those of the imports no longer away."""
+        away = self.importer.away
+        for key in [key for key in self.watches if key not in away]:
+            self.close_watch(key)
+        self.unwatched &= set(away)
+        for key, item in away.items():
+            if key in self.watches or key in self.unwatched or key in skip:
+                continue
+            try:
+                sock = wire.open_watch(item["link_address"], item["busid"], item["port"], timeout=WATCH_TIMEOUT)
+            except UsbipError:
+                continue  # the exporter went away since the pass: the timed passes go on
+            handle = _libvirt.libvirt.virEventAddHandle(sock.fileno(), _libvirt.libvirt.VIR_EVENT_HANDLE_READABLE, self.on_watch, key)
+            self.watches[key] = Watch(sock, handle, item, self.clock())
+
+    def on_watch(self, _handle, _fd, _events, key):
+        """A watch's answer: back (a pass at once), not yet (the watch is opened again, by the next timed pass when it was
+        held less than WATCH_HELD_LEAST), or a refusal (the timed passes only, until the import is no longer away)."""
+        watch = self.watches.get(key)
+        if watch is None:
+            return
+        item = watch.away
+        try:
+            back = wire.watch_answer(watch.sock, item["link_address"], item["busid"], item["port"])
+        except UsbipError as error:
+            back = None
+            self.unwatched.add(key)
+            self.log("cannot watch for %s on %s: %s; retrying on a timer only" % (item["id"], item["source"], error))
+        self.close_watch(key)
+        if back:
+            self.log("%s is back on %s; importing it again" % (item["id"], item["source"]))
+            self.pass_(skip=(key,))
+        elif back is False and self.clock() - watch.opened >= WATCH_HELD_LEAST:
+            self.watch_away()
+
+    def close_watch(self, key):
+        watch = self.watches.pop(key)
+        _libvirt.libvirt.virEventRemoveHandle(watch.handle)
+        watch.sock.close()
 
     def alive(self):
         try:

@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration, _usb
-from ansible_collections.kvmhost.usb.plugins.module_utils._errors import SelectorError, UsbipError
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import SelectorError, UnavailableError, UsbipError
 from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import importer, sysfs, table
 from ansible_collections.kvmhost.usb.plugins.module_utils._usbip.wire import USBIP_PORT, port_of
 
@@ -134,7 +134,7 @@ class Imports:
     A module run uses one for its selectors: ``prepare`` imports what they need (check mode: finds what stands),
     ``actions`` are the imports made (or that would be), ``release`` and ``released`` the imports released at the end.
     The agent keeps one across its passes for the remote entries of the domains' intent (``keep``), so that a lost
-    import and a failing one are each reported once."""
+    import and a failing one are each reported once, and ``away`` says which of them it may watch for."""
 
     def __init__(self, check_mode: bool = False, timeout: float = 30.0) -> None:
         self.check_mode = check_mode
@@ -146,6 +146,10 @@ class Imports:
         self.made = []
         self.warnings = []
         self.failing = {}
+        # The agent's imports that fail because their exporter has the device away, each with the bus id it was at
+        # there (``keep``): selector key -> {id, source, link_address, port, busid}.
+        self.away = {}
+        self.busids = {}  # selector key -> the bus id of its device on the exporting host, the last one known
 
     @property
     def pending(self) -> bool:
@@ -217,16 +221,36 @@ class Imports:
                     if self.failing.get(key) != message:
                         lines.append(message)
                     self.failing[key] = message
+                    self._note_away(key, entry, selector, error)
                     continue
                 self.failing.pop(key, None)
                 imported = True
                 where = "vhci port %d, local port %s" % (record["vhci_port"], record.get("local_port"))
                 lines.append("imported %s from %s for %s (%s)" % (entry["id"], source(entry), domain.name, where))
+            self.away.pop(key, None)
+            self.busids[key] = record["busid"]
             self.records[key] = record
-        for key in list(self.failing):
-            if key not in found:
-                del self.failing[key]
+        for kept in (self.failing, self.away, self.busids):
+            for key in [key for key in kept if key not in found]:
+                del kept[key]
         return lines, imported
+
+    def _note_away(self, key: tuple, entry: dict, selector: dict, error: UsbipError) -> None:
+        """Note in ``away`` an import that failed because its exporter has the device away, when the bus id it was at
+        there is known (from the exporter's refusal, else from the import it replaces); forget it otherwise."""
+        if isinstance(error, UnavailableError) and error.busid:
+            self.busids[key] = error.busid
+        busid = self.busids.get(key)
+        if not isinstance(error, UnavailableError) or busid is None:
+            self.away.pop(key, None)
+            return
+        self.away[key] = {
+            "id": entry["id"],
+            "source": source(entry),
+            "link_address": selector["link_address"],
+            "port": port_of(selector.get("link_port")),
+            "busid": busid,
+        }
 
     def _act(self, name: str | None, action: str) -> None:
         self.actions.append(action)

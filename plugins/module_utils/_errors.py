@@ -24,6 +24,16 @@ class UsbipError(Exception):
     """An export or import could not be made; the message says which host, address and device."""
 
 
+class UnavailableError(UsbipError):
+    """The exporter answered, but has the device away: not offered (not plugged in there, or not exported to this host)
+    or refused as in use or not available. It may come back by itself; ``busid`` is its bus id there when the exporter
+    named it."""
+
+    def __init__(self, message, busid=None):
+        super().__init__(message)
+        self.busid = busid
+
+
 class RequestError(UsbipError):
     """A USB/IP request the exporter refuses unanswered: malformed, truncated, too long or of a kind it does not know.
     ``reason`` names the kind of refusal (the exporter logs one line per kind per interval), the message says what was

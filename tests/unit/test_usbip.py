@@ -7,12 +7,15 @@ to usbip_sockfd and the vhci attach are exercised on the test host (tests/integr
 
 from __future__ import annotations
 
+import select
+import shutil
 import socket
 import struct
+import time
 
 import pytest
 
-from tests.lib.usbip_exporter import STICK, fake_sysfs, serving
+from tests.lib.usbip_exporter import STICK, fake_sysfs, serving, serving_process
 
 from ansible_collections.kvmhost.usb.plugins.module_utils import _errors  # noqa: E402  (usbip_exporter put it on the path)
 from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import importer, sysfs, table, wire  # noqa: E402
@@ -209,6 +212,78 @@ def test_the_importer_gives_an_export_back_and_the_exporter_drops_it(exporter, t
     assert (tmp_path / "sys" / "drivers" / "usbip-host" / "unbind").read_text().strip() == "2-1"
     assert (tmp_path / "sys" / "drivers_probe").read_text().strip() == "2-1"
     assert lines[-1] == "gave 2-1 (46f4:0001:KING0001) back to its driver: no longer exported"
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not within %g s" % timeout
+        time.sleep(0.01)
+
+
+def unanswered(sock):
+    """Whether nothing has come on a connection yet (neither an answer nor its end)."""
+    return select.select([sock], [], [], 0)[0] == []
+
+
+def test_a_watch_is_answered_the_moment_its_export_is_free_again_and_not_before(exporter):
+    # usbip-host holds the device for an earlier import (status 2) until that connection's end is handled, as after
+    # a broken link: an import now is refused, and a watch is held.
+    served, port, lines, base = exporter
+    (base / "usbip_status").write_text("2\n")
+    sock = wire.open_watch("127.0.0.1", "2-1", port)
+    try:
+        wait_until(lambda: len(served.server.held()) == 1)
+        time.sleep(0.3)  # turns of the exporter's loop, each of which answers the watches whose export is back
+        assert unanswered(sock)
+        assert lines[-1] == "listening on 127.0.0.1:%d" % port
+        (base / "usbip_status").write_text("1\n")
+        assert wire.watch_answer(sock, "127.0.0.1", "2-1", port) is True
+    finally:
+        sock.close()
+    assert lines[-1] == "2-1 (46f4:0001:KING0001) is back: told kvm2 (127.0.0.1), domain buildvm"
+    # Free already: answered at once, and nothing is logged for it.
+    sock = wire.open_watch("127.0.0.1", "2-1", port)
+    assert wire.watch_answer(sock, "127.0.0.1", "2-1", port) is True
+    sock.close()
+    assert lines[-1] == "2-1 (46f4:0001:KING0001) is back: told kvm2 (127.0.0.1), domain buildvm"
+    wait_until(lambda: served.server.connections == {})
+
+
+def test_a_watch_is_answered_when_the_device_is_plugged_back_in_by_the_exporter_as_it_runs(tmp_path):
+    """A replug on the exporting host, with the exporter's service loop (its periodic check; no udev here): the device
+    goes away, the importer watches for it by the bus id it was at, and the exporter says so once it is bound again."""
+    base = fake_sysfs(tmp_path / "sys", STICK)
+    export = {"id": "46f4:0001:KING0001", "selector": {"id": "46f4:0001:KING0001"}, "importer": "kvm2", "importer_address": "127.0.0.1", "domain": "buildvm"}
+    with serving_process(tmp_path, [export], tmp_path / "sys") as (_process, port, journal):
+        shutil.move(str(base), str(tmp_path / "unplugged"))
+        away = "export of 46f4:0001:KING0001 to kvm2: not plugged in here; waiting for it"
+        wait_until(lambda: away in journal.read_text())
+        sock = wire.open_watch("127.0.0.1", "2-1", port)
+        try:
+            sock.settimeout(1.5)  # longer than the exporter's periodic check
+            with pytest.raises(socket.timeout):
+                sock.recv(1, socket.MSG_PEEK)
+            shutil.move(str(tmp_path / "unplugged"), str(base))
+            sock.settimeout(10)
+            assert wire.watch_answer(sock, "127.0.0.1", "2-1", port) is True
+        finally:
+            sock.close()
+        lines = journal.read_text().splitlines()
+        assert lines[lines.index(away) + 1 :] == ["2-1 (46f4:0001:KING0001) is back: told kvm2 (127.0.0.1), domain buildvm"]
+
+
+def test_a_watch_held_as_long_as_the_exporter_holds_one_is_answered_not_yet(exporter):
+    served, port, lines, base = exporter
+    served.server.hold_time = 0.5
+    (base / "usbip_status").write_text("2\n")
+    sock = wire.open_watch("127.0.0.1", "2-1", port)
+    try:
+        assert wire.watch_answer(sock, "127.0.0.1", "2-1", port) is False
+    finally:
+        sock.close()
+    assert lines[-1] == "listening on 127.0.0.1:%d" % port
+    wait_until(lambda: served.server.connections == {})
 
 
 def test_an_import_without_vhci_hcd_says_which_module_is_missing(tmp_path):

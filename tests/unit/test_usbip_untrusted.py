@@ -1,7 +1,7 @@
 """The exporter reads untrusted bytes: malformed, truncated and oversized requests, unknown versions and codes, a
-connection that sends one byte a second, a thousand connections at once. It keeps serving the declared peer, holds
-bounded memory, descriptors and threads, logs every refusal (one line per kind per interval), and hands a socket to the
-kernel only for a request it read whole and valid.
+connection that sends one byte a second, a thousand connections at once, watches it cannot answer yet. It keeps serving
+the declared peer, holds bounded memory, descriptors and threads, logs every refusal (one line per kind per interval),
+and hands a socket to the kernel only for a request it read whole and valid.
 
 The servers are the collection's own exporter on 127.0.0.1: in this process (``serving``, its loop's ``poll`` in a
 thread) where a test reads its journal lines or changes its clock, and in a process of its own running its service loop
@@ -74,7 +74,7 @@ def offered(port):
 VERSIONS = st.one_of(st.just(wire.USBIP_VERSION), st.sampled_from([0x0000, 0x0100, 0x0106, 0x0110, 0x0112, 0x1101, 0xFFFF]), st.integers(0, 0xFFFF))
 CODES = st.one_of(
     st.sampled_from(sorted(wire.REQUEST_SIZES)),
-    st.sampled_from([wire.OP_REP_DEVLIST, wire.OP_REP_IMPORT, wire.OP_REP_RELEASE, 0x0000, 0x8000, 0x8004, 0x8006, 0x8F02, 0xFFFF]),
+    st.sampled_from([wire.OP_REP_DEVLIST, wire.OP_REP_IMPORT, wire.OP_REP_RELEASE, wire.OP_REP_WATCH, 0x0000, 0x8000, 0x8004, 0x8006, 0x8F03, 0xFFFF]),
     st.integers(0, 0xFFFF),
 )
 STATUSES = st.one_of(st.just(wire.ST_OK), st.sampled_from([1, 4, 0x80000000, 0xFFFFFFFF]), st.integers(0, 0xFFFFFFFF))
@@ -121,8 +121,8 @@ def valid_busid(field):
 
 
 def expected_answer(data, device):
-    """What the exporter must answer ``data`` from the declared peer (``2-1`` exported to it): a valid request's
-    reply, nothing for anything else; and whether it hands the connection to the kernel."""
+    """What the exporter must answer ``data`` from the declared peer (``2-1`` exported to it, free for an import): a
+    valid request's reply, nothing for anything else; and whether it hands the connection to the kernel."""
     if data == wire.pack_op_common(wire.OP_REQ_DEVLIST):
         return wire.pack_devlist_reply([device]), False
     busid = valid_busid(data[8:]) if len(data) == 40 else None
@@ -132,6 +132,8 @@ def expected_answer(data, device):
         return wire.pack_op_common(wire.OP_REP_IMPORT, wire.ST_NODEV), False
     if busid is not None and data[:8] == wire.pack_op_common(wire.OP_REQ_RELEASE):
         return wire.pack_op_common(wire.OP_REP_RELEASE, wire.ST_NODEV), False
+    if busid is not None and data[:8] == wire.pack_op_common(wire.OP_REQ_WATCH):
+        return wire.pack_op_common(wire.OP_REP_WATCH, wire.ST_OK if busid == "2-1" else wire.ST_NODEV), False
     return b"", False
 
 
@@ -171,7 +173,7 @@ def test_fuzzed_requests_are_answered_only_when_valid_and_the_declared_peer_stay
     # One line per kind of refusal, however many cases were refused (their interval, 60 s, outlasts the test).
     refusals = [line for line in lines if not line.startswith(("loaded ", "listening on ", "exported 2-1 "))]
     kinds = {"unknown version", "unknown request", "status in a request", "malformed bus id", "truncated request", "request too long"}
-    kinds |= {"import not exported", "release not exported", "connection failed"}
+    kinds |= {"import not exported", "release not exported", "watch not exported", "connection failed"}
     assert len(refusals) <= len(kinds), refusals
 
 
@@ -349,3 +351,60 @@ def test_an_error_of_the_exporter_in_one_connection_closes_that_connection_only(
         while served.server.connections and time.monotonic() < deadline:
             time.sleep(0.01)
         assert served.server.connections == {} and served.server.per_peer == {}
+
+
+def watching(port, busid="2-1", source="127.0.0.1"):
+    """A watch's connection, its request sent."""
+    sock = socket.socket()
+    sock.settimeout(10)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(wire.pack_watch_request(busid))
+    return sock
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not within %g s" % timeout
+        time.sleep(0.01)
+
+
+def test_a_watch_is_refused_as_an_import_is_and_the_watches_held_are_bounded(tmp_path):
+    """A watch is checked as an import is: from a declared address, of a bus id exported to it. One the exporter cannot
+    answer yet (the device in use) is held, at most 4 from one address and 32 in all (half the caps, so that imports
+    always find room; the one over is answered "error"); a held watch that sends more is refused, one whose peer leaves
+    is closed, and neither leaves anything behind."""
+    base = fake_sysfs(tmp_path / "sys", STICK)
+    with serving(tmp_path, [EXPORT, OTHER_PEER], tmp_path / "sys") as (served, port, lines):
+        assert exchange(port, wire.pack_watch_request("2-1"), source="127.0.0.3") == b""
+        assert lines[-1] == "refused connection from 127.0.0.3: no export is declared for it"
+        assert exchange(port, wire.pack_watch_request("2-1"), source="127.0.0.2") == wire.pack_op_common(wire.OP_REP_WATCH, wire.ST_NODEV)
+        assert lines[-1] == "refused the watch of 2-1 by 127.0.0.2: not exported to it"
+        assert exchange(port, wire.pack_watch_request("1-1")) == wire.pack_op_common(wire.OP_REP_WATCH, wire.ST_NODEV)
+        assert served.server.held() == []
+
+        (base / "usbip_status").write_text("2\n")
+        held = [watching(port) for _index in range(server.MAX_WATCHES_PER_PEER)]
+        try:
+            wait_until(lambda: len(served.server.held()) == server.MAX_WATCHES_PER_PEER)
+            assert exchange(port, wire.pack_watch_request("2-1")) == wire.pack_op_common(wire.OP_REP_WATCH, wire.ST_ERROR)
+            assert lines[-1] == "refused the watch of 2-1 by 127.0.0.1: 4 watches from it are held, the most one address may have"
+            # The address's other connections are still taken: its device list, and its import (refused as in use).
+            assert offered(port) == ["2-1"]
+            assert exchange(port, wire.pack_import_request("2-1")) == wire.pack_op_common(wire.OP_REP_IMPORT, wire.ST_DEV_BUSY)
+            served.server.max_watches, served.server.max_watches_per_peer = server.MAX_WATCHES_PER_PEER, server.MAX_PER_PEER
+            assert exchange(port, wire.pack_watch_request("2-1")) == wire.pack_op_common(wire.OP_REP_WATCH, wire.ST_ERROR)
+            # The second refusal of the kind in its interval: counted, to be said in one line at the interval's end.
+            over = "refused the watch of 2-1 by 127.0.0.1: 4 watches are held, the most the exporter holds"
+            assert served.refusals.kinds["too many watches"][1:] == [1, over]
+            # One sends more than its request: refused and closed. The others leave.
+            held[0].sendall(b"\0")
+            assert held[0].recv(8) == b""
+            assert lines[-1] == "refused a request from 127.0.0.1: more bytes follow the 40 of a request of code 0x8f02"
+        finally:
+            for sock in held:
+                sock.close()
+        wait_until(lambda: served.server.connections == {} and served.server.per_peer == {})
+        assert (base / "usbip_sockfd").read_text().strip() == ""
+        assert lines[-1] == "refused a request from 127.0.0.1: more bytes follow the 40 of a request of code 0x8f02"

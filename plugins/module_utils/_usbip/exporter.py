@@ -7,7 +7,8 @@ It binds each present device of the exports table to ``usbip-host``, again after
 longer exported, and listens on the host's link address only. A peer is answered only with the exports declared for its
 address; a connection from any other address is closed at once. An accepted import hands the socket to the kernel
 (``usbip_sockfd``), as usbipd does, and only for a request the server (``server.py``) read whole and valid, of a bus id
-exported to that peer.
+exported to that peer. A peer that lost an import may watch for it (the collection's OP_REQ_WATCH, with the bus id the
+device was at): the exporter tells it the moment the export is back, bound to usbip-host and free for an import again.
 
 ``main`` is its command line, run by the host runtime as ``kvmhost-usb exporter serve``, with ``list`` (what an
 exporter offers this host) and ``imports`` (this host's imports) beside ``serve``.
@@ -50,6 +51,7 @@ class Exporter:
         self.table = {"listen": None, "port": USBIP_PORT, "exports": []}
         self.mtime = None
         self.bound = self.load_state()  # busid -> export
+        self.last_at = {}  # busid -> export: where each export's device was bound last, kept while it is away
         self.missing = set()
         self.selector = selectors.DefaultSelector()
         self.refusals = server.Refusals(out)
@@ -128,7 +130,17 @@ class Exporter:
                 self.bound[busid] = export
             except UsbipError as error:
                 self.log("cannot export %s (%s): %s" % (busid, export.get("id"), error))
+        self.remember()
         self.save_state()
+
+    def remember(self):
+        """Where each export of the table was bound last (``last_at``), one bus id an export: a watch names an export
+        so while its device is away."""
+        exports = self.table["exports"]
+        bound = list(self.bound.values())
+        last = dict((busid, export) for busid, export in self.last_at.items() if export in exports and export not in bound)
+        last.update((busid, export) for busid, export in self.bound.items() if export in exports)
+        self.last_at = last
 
     def load_state(self):
         try:
@@ -168,6 +180,8 @@ class Exporter:
             return wire.pack_devlist_reply([device for device in offered if device is not None])
         if code == wire.OP_REQ_IMPORT:
             return self.export(conn, peer, busid)
+        if code == wire.OP_REQ_WATCH:
+            return self.watch(peer, busid)
         return wire.pack_op_common(wire.OP_REP_RELEASE, wire.ST_OK if self.give_back(peer, busid) else wire.ST_NODEV)
 
     def export(self, conn, peer, busid):
@@ -195,6 +209,46 @@ class Exporter:
         # 320 bytes, the first this socket sends: they fit its send buffer (4 KiB at the least), so this never waits.
         conn.sendall(wire.pack_op_common(wire.OP_REP_IMPORT) + wire.pack_usb_device(device))
         return None
+
+    def watch(self, peer, busid):
+        """OP_REQ_WATCH of ``busid`` by ``peer``, which lost its import: answered "back" at once when that export is free
+        for an import, else held (``server.HOLD``) until it is (``answer_watches``). The bus id names the export by where
+        its device was bound last; it may come back at another."""
+        export = self.watched(peer, busid)
+        if export is None:
+            self.refusals.refuse("watch not exported", "refused the watch of %s by %s: not exported to it" % (busid, peer))
+            return wire.pack_op_common(wire.OP_REP_WATCH, wire.ST_NODEV)
+        if self.available(export) is not None:
+            return wire.pack_op_common(wire.OP_REP_WATCH)
+        return server.HOLD
+
+    def watched(self, peer, busid):
+        """The export declared for ``peer`` whose device is, or was last, at ``busid``; None when there is none."""
+        export = self.last_at.get(busid)
+        if export is None or export.get("importer_address") != peer:
+            return None
+        return export
+
+    def available(self, export):
+        """The bus id at which an export's device is bound to usbip-host and free for an import; None while it is not."""
+        for busid, item in sorted(self.bound.items()):
+            if item == export and sysfs.stub_status(busid, self.root) == sysfs.SDEV_ST_AVAILABLE:
+                return busid
+        return None
+
+    def answer_watches(self):
+        """Answer the held watches whose export is back (bound again after a replug, or free again after a broken
+        connection), and "no such device" to those whose export was removed meanwhile."""
+        for connection in self.server.held():
+            export = self.watched(connection.peer, connection.busid)
+            if export is None:
+                self.server.answer_held(connection, wire.pack_op_common(wire.OP_REP_WATCH, wire.ST_NODEV))
+                continue
+            busid = self.available(export)
+            if busid is None:
+                continue
+            self.log("%s (%s) is back: told %s (%s), domain %s" % (busid, export.get("id"), export.get("importer"), connection.peer, export.get("domain")))
+            self.server.answer_held(connection, wire.pack_op_common(wire.OP_REP_WATCH))
 
     def give_back(self, peer, busid):
         """The importer at ``peer`` took the device back: drop its export from the table, give the device back to
@@ -272,9 +326,11 @@ class Exporter:
 
     def poll(self, longest):
         """One turn of the loop: wait for events (``longest`` seconds at most, less when a connection's deadline comes
-        sooner) and handle them, close the connections past their deadline, log the refusals not logged yet."""
+        sooner) and handle them, answer the watches whose export is back, close the connections past their deadline,
+        log the refusals not logged yet."""
         for key, _events in self.selector.select(timeout=self.server.timeout(longest)):
             key.data()
+        self.answer_watches()
         self.server.expire()
         self.refusals.flush()
 

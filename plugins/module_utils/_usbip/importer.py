@@ -14,7 +14,7 @@ import socket
 import time
 
 from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration, _usb
-from ansible_collections.kvmhost.usb.plugins.module_utils._errors import UsbipError
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import UnavailableError, UsbipError
 from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import sysfs, wire
 from ansible_collections.kvmhost.usb.plugins.module_utils._usbip.sysfs import SYS_USB, VHCI, VDEV_ST_NULL
 from ansible_collections.kvmhost.usb.plugins.module_utils._usbip.wire import USBIP_PORT, port_of
@@ -172,7 +172,8 @@ def _source(host, link_address, port):
 
 def ensure_import(host, link_address, selector, timeout=30.0, port=USBIP_PORT, vhci=VHCI, directory=None):
     """Import the device a selector means from ``host`` at ``link_address`` unless this host holds it already, and
-    wait until it is a local USB device; the import record. UsbipError with a clear message otherwise."""
+    wait until it is a local USB device; the import record. UsbipError with a clear message otherwise, UnavailableError
+    when the exporter answered but has the device away (not offered, or refused as in use or not available)."""
     where = _where(host, link_address, port)
     source = _source(host, link_address, port)
     standing = [record for record in imports(vhci, directory) if same_source(record, source)]
@@ -184,7 +185,7 @@ def ensure_import(host, link_address, selector, timeout=30.0, port=USBIP_PORT, v
     candidates = [device for device in offered if wire.offered_matches(selector, device) and device["busid"] not in held]
     if not candidates:
         listed = ", ".join("%s %s:%s" % (device["busid"], device["vendor_id"], device["product_id"]) for device in offered) or "nothing"
-        raise UsbipError(
+        raise UnavailableError(
             "%s offers this host no device matching (%s): not plugged in there, or not exported to this host; it offers: %s"
             % (where, _declaration.describe_selector(selector) or "any device", listed)
         )

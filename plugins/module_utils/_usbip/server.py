@@ -10,6 +10,11 @@ reads into a buffer no longer than its request: the 8-byte header, then the rest
 request is answered only when it is whole and valid (``wire.request_code``, ``wire.request_busid``) and no byte follows
 it; anything else closes the connection unanswered. An error in one connection closes that connection only. Every
 refusal goes to ``Refusals``: one log line per kind of refusal per interval, the others counted.
+
+A watch (the collection's OP_REQ_WATCH) the exporter cannot answer yet is held: its connection stays open past the
+request's deadline, until the exporter answers it (``answer_held``) or for ``hold_time`` seconds, after which it is
+answered "not yet". Held watches are at most half the connections, of all and of one address's, so that imports always
+find room; a held watch's peer sends nothing more, and its end of the connection closes it.
 """
 
 from __future__ import annotations
@@ -26,11 +31,18 @@ REQUEST_DEADLINE = 5.0
 # Connections open at once, and from one address: an importer makes one at a time per device.
 MAX_CONNECTIONS = 64
 MAX_PER_PEER = 8
+# How long a watch is held at most before it is answered "not yet" (the importer then opens another), and how many are
+# held at once, of all and from one address: half the connections, so that imports always find room.
+WATCH_HOLD = 120.0
+MAX_WATCHES = MAX_CONNECTIONS // 2
+MAX_WATCHES_PER_PEER = MAX_PER_PEER // 2
 # One log line per kind of refusal in this many seconds; the others are counted in one line at its end.
 REFUSAL_INTERVAL = 60.0
 LISTEN_BACKLOG = 128
 # Connections accepted in one turn of the loop, so that the open ones are served between two batches.
 ACCEPT_BATCH = 64
+# What ``answer`` returns for a watch it cannot answer yet: the connection is held.
+HOLD = "hold"
 
 
 class Refusals:
@@ -78,13 +90,16 @@ class Connection:
         self.request = bytearray()
         self.code = None  # known once the header is read and valid
         self.size = wire.OP_COMMON.size  # the length of the request: the header's, then that of the header's code
+        self.busid = None  # the bus id of a whole, valid request that names one
+        self.held = False  # a watch waiting for its answer
         self.reply = None  # the bytes of the reply not written yet, once there is one
 
 
 class Server:
     """The listening socket and its connections, in the exporter's selector. ``peers()`` is the set of addresses a
     connection is taken from; ``answer(peer, code, busid, sock)`` answers a whole, valid request: the reply's bytes,
-    or None when the exchange is over (an import handed to the kernel)."""
+    None when the exchange is over (an import handed to the kernel), or HOLD for a watch to answer later
+    (``held``, ``answer_held``)."""
 
     def __init__(self, selector, peers, answer, refusals):
         self.selector = selector
@@ -94,6 +109,9 @@ class Server:
         self.deadline = REQUEST_DEADLINE
         self.max_connections = MAX_CONNECTIONS
         self.max_per_peer = MAX_PER_PEER
+        self.hold_time = WATCH_HOLD
+        self.max_watches = MAX_WATCHES
+        self.max_watches_per_peer = MAX_WATCHES_PER_PEER
         self.listener = None
         self.listening = None  # (address, port)
         self.connections = {}  # socket -> Connection
@@ -170,10 +188,15 @@ class Server:
 
     # A connection
 
-    def turn(self, connection):
-        """Read or write what the connection is ready for; a refusal or an error closes it, and it alone."""
+    def turn(self, connection, work=None):
+        """Read or write what the connection is ready for (or do ``work``, a held watch's answer); a refusal or an error
+        closes it, and it alone."""
         try:
-            if connection.reply is None:
+            if work is not None:
+                work()
+            elif connection.held:
+                self.read_held(connection)
+            elif connection.reply is None:
                 self.read(connection)
             else:
                 self.write(connection)
@@ -212,11 +235,21 @@ class Server:
         if following:
             raise RequestError("request too long", "more bytes follow the %d of a request of code 0x%04x" % (connection.size, connection.code))
         header = wire.OP_COMMON.size
-        busid = wire.request_busid(bytes(connection.request[header:])) if connection.size > header else None
-        reply = self.answer(connection.peer, connection.code, busid, connection.sock)
-        if not reply:
+        if connection.size > header:
+            connection.busid = wire.request_busid(bytes(connection.request[header:]))
+        reply = self.answer(connection.peer, connection.code, connection.busid, connection.sock)
+        if reply is HOLD:
+            self.hold(connection)
+        elif reply:
+            self.send(connection, reply)
+        else:
             self.drop(connection)
-            return
+
+    def send(self, connection, reply):
+        """Write a connection's reply, then close it; a held watch's reply has a deadline of its own."""
+        if connection.held:
+            connection.held = False
+            connection.deadline = time.monotonic() + self.deadline
         connection.reply = reply
         self.selector.modify(connection.sock, selectors.EVENT_WRITE, lambda: self.turn(connection))
         self.write(connection)
@@ -230,6 +263,43 @@ class Server:
         if not connection.reply:
             self.drop(connection)
 
+    # Held watches
+
+    def hold(self, connection):
+        """Hold a watch until ``answer_held`` answers it, ``hold_time`` seconds at most; one over the caps is answered
+        "error" at once."""
+        held = self.held()
+        refusal = None
+        if len(held) >= self.max_watches:
+            refusal = "%d watches are held, the most the exporter holds" % len(held)
+        elif len([item for item in held if item.peer == connection.peer]) >= self.max_watches_per_peer:
+            refusal = "%d watches from it are held, the most one address may have" % self.max_watches_per_peer
+        if refusal is not None:
+            self.refusals.refuse("too many watches", "refused the watch of %s by %s: %s" % (connection.busid, connection.peer, refusal))
+            self.send(connection, wire.pack_op_common(wire.OP_REP_WATCH, wire.ST_ERROR))
+            return
+        connection.held = True
+        connection.deadline = time.monotonic() + self.hold_time
+
+    def held(self):
+        """The held watches: Connections, each with its ``peer`` and ``busid``."""
+        return [connection for connection in self.connections.values() if connection.held]
+
+    def answer_held(self, connection, reply):
+        """Answer a held watch, and close it once the reply is written."""
+        self.turn(connection, lambda: self.send(connection, reply))
+
+    def read_held(self, connection):
+        """A held watch's peer has nothing more to send: its end of the connection closes it (it no longer waits, which
+        is no refusal), a byte is refused."""
+        try:
+            data = connection.sock.recv(1)
+        except (BlockingIOError, InterruptedError):
+            return
+        if data:
+            raise RequestError("request too long", "more bytes follow the %d of a request of code 0x%04x" % (connection.size, connection.code))
+        self.drop(connection)
+
     def drop(self, connection):
         if self.connections.pop(connection.sock, None) is None:
             return
@@ -242,9 +312,12 @@ class Server:
     # Deadlines
 
     def expire(self):
-        """Close the connections whose deadline has passed."""
+        """Close the connections whose deadline has passed; answer the watches held so long "not yet"."""
         now = time.monotonic()
         for connection in [item for item in self.connections.values() if item.deadline <= now]:
+            if connection.held:
+                self.answer_held(connection, wire.pack_op_common(wire.OP_REP_WATCH, wire.ST_NA))
+                continue
             if connection.reply is None:
                 what = "%d of %d byte(s) of a request" % (len(connection.request), connection.size)
             else:

@@ -10,7 +10,7 @@ import socket
 import struct
 
 from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration, _usb
-from ansible_collections.kvmhost.usb.plugins.module_utils._errors import RequestError, UsbipError
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import RequestError, UnavailableError, UsbipError
 
 USBIP_PORT = 3240
 USBIP_VERSION = 0x0111
@@ -23,6 +23,11 @@ OP_REP_IMPORT = 0x0003
 # device back (usb_detach), so that the exporting host stops exporting it without another run there.
 OP_REQ_RELEASE = 0x8F01
 OP_REP_RELEASE = 0x0F01
+# kvmhost.usb's own request too: the importer that lost an export (the device replugged over there, the connection
+# broken) asks to be told the moment it is back, bound to usbip-host and free for an import, so that it imports again at
+# once instead of polling. The exporter holds the connection until then, or answers "not yet" (ST_NA) after a while.
+OP_REQ_WATCH = 0x8F02
+OP_REP_WATCH = 0x0F02
 
 # The status of a reply (usbip_common.h).
 ST_OK = 0
@@ -50,8 +55,14 @@ USB_INTERFACE = struct.Struct(">BBBB")
 BUSID = struct.Struct(">32s")
 COUNT = struct.Struct(">I")
 
-# The requests an exporter answers, each with its whole length: the header, then the bus id of an import or a release.
-REQUEST_SIZES = {OP_REQ_DEVLIST: OP_COMMON.size, OP_REQ_IMPORT: OP_COMMON.size + BUSID.size, OP_REQ_RELEASE: OP_COMMON.size + BUSID.size}
+# The requests an exporter answers, each with its whole length: the header, then the bus id of an import, a release or
+# a watch.
+REQUEST_SIZES = {
+    OP_REQ_DEVLIST: OP_COMMON.size,
+    OP_REQ_IMPORT: OP_COMMON.size + BUSID.size,
+    OP_REQ_RELEASE: OP_COMMON.size + BUSID.size,
+    OP_REQ_WATCH: OP_COMMON.size + BUSID.size,
+}
 
 
 def port_of(value):
@@ -129,6 +140,10 @@ def pack_import_request(busid):
 
 def pack_release_request(busid):
     return pack_op_common(OP_REQ_RELEASE) + BUSID.pack(busid.encode())
+
+
+def pack_watch_request(busid):
+    return pack_op_common(OP_REQ_WATCH) + BUSID.pack(busid.encode())
 
 
 def c_string(data):
@@ -268,7 +283,8 @@ def request_import(sock, address, port, busid):
         sock.sendall(pack_import_request(busid))
         reply = receive_op_common(sock, OP_REP_IMPORT)
         if reply["status"] != ST_OK:
-            raise UsbipError("%s:%d refused to export %s to this host: %s" % (address, port, busid, STATUS_TEXT.get(reply["status"], reply["status"])))
+            status = STATUS_TEXT.get(reply["status"], reply["status"])
+            raise UnavailableError("%s:%d refused to export %s to this host: %s" % (address, port, busid, status), busid)
         return unpack_usb_device(receive(sock, USB_DEVICE.size))
 
     device = talk(address, port, "the import of %s" % busid, work)
@@ -291,3 +307,39 @@ def give_back_export(address, busid, port=USBIP_PORT, timeout=5.0):
         return talk(address, port, "giving back %s" % busid, work)
     finally:
         sock.close()
+
+
+def open_watch(address, busid, port=USBIP_PORT, timeout=5.0):
+    """Ask the exporter at ``address`` to say when the export this host lost at ``busid`` is back (OP_REQ_WATCH): the
+    connection, its request sent. The exporter answers when the export's device is bound to usbip-host again and free
+    for an import (at once if it is), or "not yet" after holding the watch a while; ``watch_answer`` reads the answer
+    once the connection is readable."""
+    sock = connect(address, port, timeout)
+    try:
+        talk(address, port, "the watch of %s" % busid, lambda: sock.sendall(pack_watch_request(busid)))
+    except UsbipError:
+        sock.close()
+        raise
+    return sock
+
+
+def watch_answer(sock, address, busid, port=USBIP_PORT):
+    """The exporter's answer to a watch (``open_watch``): True when the export is back, False for "not yet". UsbipError
+    when it refused the watch, or closed the connection unanswered, as an exporter of an older version does with a
+    request it does not know."""
+    try:
+        reply = receive_op_common(sock, OP_REP_WATCH)
+    except (EOFError, ConnectionResetError):
+        raise UsbipError(
+            "%s:%d closed the connection on the watch of %s without an answer (an exporter of an older version, stopped, or declaring no export"
+            " for this host)" % (address, port, busid)
+        )
+    except socket.timeout:
+        raise UsbipError("%s:%d did not finish its answer to the watch of %s in time" % (address, port, busid))
+    except OSError as error:
+        raise UsbipError("%s:%d: the watch of %s failed: %s" % (address, port, busid, error.strerror or error))
+    if reply["status"] == ST_NA:
+        return False
+    if reply["status"] != ST_OK:
+        raise UsbipError("%s:%d refused the watch of %s: %s" % (address, port, busid, STATUS_TEXT.get(reply["status"], reply["status"])))
+    return True
