@@ -14,6 +14,7 @@ for the module and pulled out at its end; the agent is installed and removed thr
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -176,6 +177,9 @@ def held_by_guest(host: TestHost, name: str) -> list[str]:
     return sorted(paths.get(host_path(device), host_path(device)) for device in host.guest_usb(name) if device["host"] and device["host"]["attached"])
 
 
+RECONNECT = re.compile(r"^(lost the connection to \S+ \(.*\); reconnecting|connected to \S+ again after [0-9.]+ s; catching up)$")
+
+
 def test_ten_concurrent_runs_and_the_agent_lose_nothing(host: TestHost) -> None:
     declared = dict((name, {"devices": [IDS[device] for device in devices]}) for name, devices in HELD.items())
     setup = run_module(host, "kvmhost.usb.usb_passthrough", {"domains": declared})
@@ -198,7 +202,9 @@ def test_ten_concurrent_runs_and_the_agent_lose_nothing(host: TestHost) -> None:
         assert end_state(host) == expected_state(expected, running), "round %d" % number
         for name in running:
             assert held_by_guest(host, name) == sorted(expected[name]), "round %d: %s" % (number, name)
-        # One line for the agent's one action, and no failure.
+        # One line for the agent's one action, and no failure. A loaded test host may make libvirtd drop the agent's
+        # connection (keepalive): the agent says so, reconnects and catches up, which is no action of its own.
         lines = journal(host)[start:]
         print("round %d, the agent's journal: %s" % (number, lines))
-        assert len(lines) == 1, lines
+        actions = [line for line in lines if not RECONNECT.match(line)]
+        assert len(actions) == 1 and actions[0].startswith("attached "), lines
