@@ -6,7 +6,7 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: usb_link
-short_description: Make the WireGuard key of a KVM host's encrypted USB/IP links, on the host itself
+short_description: Make the WireGuard key of a KVM host for its encrypted USB/IP links, on the host itself
 version_added: 0.2.0
 description:
   - The first half of an encrypted link between KVM hosts that share USB devices. Checks that the host can make one

@@ -7,7 +7,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: usb_runtime
 short_description: Install the kvmhost.usb host runtime (the reattach agent and the USB/IP exporter) in one step
-version_added: 0.1.0
+version_added: 0.2.0
 description:
   - Installs C(kvmhost-usb), the one program a KVM host runs between converges, and its services.
     C(kvmhost-usb agent) keeps declared devices attached across unplug, replug and domain start
@@ -131,7 +131,7 @@ version:
   description: The collection version the program was built from.
   returned: success
   type: str
-  sample: 0.1.0
+  sample: 0.2.0
 hash:
   description: The build hash of the program (sha256 over its sources), as C(kvmhost-usb version) prints it.
   returned: success
