@@ -12,6 +12,7 @@ name the same device (for two importers, or two domains).
 from __future__ import annotations
 
 import json
+import os
 
 from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration, _host, _usb
 from ansible_collections.kvmhost.usb.plugins.module_utils._errors import ExportError, HostError, PassthroughError, SelectorError, UsbipError
@@ -89,7 +90,8 @@ def converge(conn, uri, exports, listen_address, port, local_domains, check_mode
         before = exports_table.read_exports(path)
     except UsbipError:
         before = None
-    changed = before != table
+    # No table and nothing to export: nothing to write (the role runs this on every host, exporting or not).
+    changed = before != table and (bool(entries) or os.path.exists(path))
     if changed and not check_mode:
         try:
             exports_table.write_exports(table, path)

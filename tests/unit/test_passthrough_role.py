@@ -93,7 +93,7 @@ def test_converge_rejects_a_misspelt_setting_before_changing_anything(tmp_path, 
     before = domains.snapshot()
     process = playbook(tmp_path, "converge", declared)
     assert process.failed == 1
-    assert "usb_passthrough.%s must be a mapping of devices" % first in process.stdout
+    assert "usb_passthrough of kvm1: Domain %s: unknown setting(s) exlusive; accepted: devices, exclusive" % first in process.stdout
     assert domains.snapshot() == before
 
 

@@ -44,6 +44,15 @@ def test_the_table_is_written_once_and_a_rerun_changes_nothing(table):
     assert json.loads(table.read_text())["exports"] == []
 
 
+def test_nothing_to_export_and_no_table_writes_nothing(table):
+    result = export(table, [])
+    assert result["rc"] == 0 and result["changed"] is False, result
+    assert not table.exists()
+    # Once a table was written, emptying it is a change (the exporter then gives the devices back).
+    assert export(table, [EXPORT])["changed"] is True
+    assert export(table, [])["changed"] is True and json.loads(table.read_text())["exports"] == []
+
+
 def test_check_mode_writes_nothing_and_the_diff_shows_the_table(table):
     result = export(table, [dict(EXPORT, id=None, vendor_id="0951", product_id="1666")], check_mode=True, diff=True)
     assert result["rc"] == 0 and result["changed"] is True, result
