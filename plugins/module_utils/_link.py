@@ -90,6 +90,12 @@ def tool(name: str) -> str:
     return found
 
 
+def check_tools() -> None:
+    """LinkError naming the package of the first tool the link needs that this host lacks."""
+    for name in TOOLS:
+        tool(name)
+
+
 def run(argv: list, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
     process = subprocess.run([tool(argv[0])] + list(argv[1:]), input=input, capture_output=True, text=True, check=False)
     if check and process.returncode != 0:
@@ -123,11 +129,12 @@ def link_mtu(link_address: str) -> int:
     """The tunnel's MTU: that of the interface holding the link address, less WireGuard's headers. LinkError when
     the address is not this host's."""
     address = check_address(link_address, "usb_link_address")
-    for interface in host_interfaces():
+    interfaces = host_interfaces()
+    for interface in interfaces:
         if interface["name"] != INTERFACE and address in interface["addresses"]:
             return int(interface["mtu"] or 1500) - WIREGUARD_OVERHEAD
-    raise LinkError("usb_link_address %s is not an address of this host (it has %s)" % (
-        address, ", ".join(a for interface in host_interfaces() for a in interface["addresses"] if interface["name"] != "lo") or "none"))
+    held = [held for interface in interfaces if interface["name"] != "lo" for held in interface["addresses"]]
+    raise LinkError("usb_link_address %s is not an address of this host (it has %s)" % (address, ", ".join(held) or "none"))
 
 
 def public_key(root: str = "") -> str | None:

@@ -82,8 +82,7 @@ def main():
     )
     root = os.environ.get("KVMHOST_USB_RUNTIME_ROOT", "")
     try:
-        for name in _link.TOOLS:
-            _link.tool(name)
+        _link.check_tools()
         mtu = _link.link_mtu(module.params["link_address"])
         _link.check_kernel()
         key = _link.public_key(root)

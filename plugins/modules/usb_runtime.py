@@ -235,15 +235,13 @@ class RuntimeManager:
                 self.module.fail_json(msg="link.peers: %s" % error)
         return _link.settings(link["address"], link["mtu"], link["peers"], link["listen_port"], link["usbip_port"])
 
-    def known_peers(self, settings):
+    def known_peers(self, settings, now):
         """The settings with each peer whose public key this run does not know (its host failed or is not in the play)
-        keeping the key the tunnel has for it, or left out when the tunnel has none; None when no peer is left."""
-        if settings is None or self.module.check_mode:
+        keeping the key the tunnel (``now``, ``_link.current()``) has for it, or left out when the tunnel has none; None
+        when no peer is left."""
+        if self.module.check_mode or all(peer["public_key"] for peer in settings["peers"]):
             return settings
-        unknown = [peer for peer in settings["peers"] if not peer["public_key"]]
-        if not unknown:
-            return settings
-        held = dict((peer["tunnel_address"], peer["public_key"]) for peer in ((_link.current() or {}).get("peers") or []))
+        held = dict((peer["tunnel_address"], peer["public_key"]) for peer in ((now or {}).get("peers") or []))
         kept = []
         for peer in settings["peers"]:
             if not peer["public_key"] and peer["tunnel_address"] in held:
@@ -257,13 +255,20 @@ class RuntimeManager:
                 )
         return dict(settings, peers=kept) if kept else None
 
-    def link_change(self, settings):
-        """``(up, down)``: whether the interface must be set up to hold ``settings``, or taken down."""
+    def link_change(self):
+        """``(settings, up, down)``: the link's settings with the peers' keys known (None without a link), whether the
+        interface must be set up to hold them, or taken down. The interface is read once."""
+        settings = self.link_settings()
         try:
             if settings is None:
-                return False, _link.is_up()
-            key = _link.public_key(self.root)
-            return _link.differs(settings, _link.current(), key), False
+                return None, False, _link.is_up()
+            _link.check_tools()
+            _link.check_kernel()
+            now = _link.current()
+            settings = self.known_peers(settings, now)
+            if settings is None:
+                return None, False, _link.is_up()
+            return settings, _link.differs(settings, now, _link.public_key(self.root)), False
         except LinkError as error:
             self.module.fail_json(msg=str(error))
 
@@ -275,21 +280,12 @@ class RuntimeManager:
             program = _runtime_install.build(params["python"])
         except _runtime_install.RuntimeBuildError as error:
             self.module.fail_json(msg=str(error))
-        link = self.link_settings()
-        if link is not None:
-            try:
-                for name in _link.TOOLS:
-                    _link.tool(name)
-                _link.check_kernel()
-                link = self.known_peers(link)
-            except LinkError as error:
-                self.module.fail_json(msg=str(error))
+        link, link_up, link_down = self.link_change()
         wanted = {"agent": present and params["agent"], "exporter": present and params["exporter"], "link": link is not None}
         files = _runtime_install.files(
             program, params["state"], params["agent"], params["exporter"], params["uri"], params["agent_period"],
             params["import_addresses"], params["python"], link,
         )
-        link_up, link_down = self.link_change(link)
         if link_up:
             self.changes.append("set up the link %s with %s" % (_link.INTERFACE, ", ".join(peer["name"] for peer in link["peers"])))
         if link_down:
