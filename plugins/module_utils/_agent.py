@@ -146,8 +146,10 @@ def reconcile(conn, uri="qemu:///system", check_mode=False, importer=None):
             imported_lines, imported = importer.keep(planner.model)
             lines.extend(imported_lines)
             if imported:
+                # The import changed the devices only: the domains read above stand.
+                domains = planner.model.domains
                 planner.enumerate()
-                planner.load_domains()
+                planner.model.domains = domains
         for domain in planner.model.domains:
             if not declares(domain):
                 continue

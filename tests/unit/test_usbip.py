@@ -270,7 +270,48 @@ def test_a_watch_is_answered_when_the_device_is_plugged_back_in_by_the_exporter_
         finally:
             sock.close()
         lines = journal.read_text().splitlines()
-        assert lines[lines.index(away) + 1 :] == ["2-1 (46f4:0001:KING0001) is back: told kvm2 (127.0.0.1), domain buildvm"]
+        assert lines[lines.index(away) + 1 :] == [
+            "2-1 (46f4:0001:KING0001) is back at its port: usbip-host took it at once",
+            "2-1 (46f4:0001:KING0001) is back: told kvm2 (127.0.0.1), domain buildvm",
+        ]
+
+
+def test_an_unplugged_export_keeps_its_port_in_usbip_hosts_match_list_until_another_device_or_no_export_is_there(exporter, tmp_path):
+    """usbip-host takes a device plugged back in at a port on its match list before the host's own driver probes it (the
+    kernel's rule; the stand-in tree only records what was written to match_busid)."""
+    served, _port, lines, base = exporter
+    match_list = tmp_path / "sys" / "drivers" / "usbip-host" / "match_busid"
+    match_list.write_text("add 2-1")
+    shutil.move(str(base), str(tmp_path / "unplugged"))
+    served.apply()
+    assert match_list.read_text() == "add 2-1"
+    assert served.parked == {"2-1": served.table["exports"][0]} and served.bound == {}
+
+    shutil.move(str(tmp_path / "unplugged"), str(base))  # back at its port, usbip-host its driver already
+    served.apply()
+    assert served.bound == {"2-1": served.table["exports"][0]} and served.parked == {}
+    assert lines[-1] == "2-1 (46f4:0001:KING0001) is back at its port: usbip-host took it at once"
+
+    shutil.move(str(base), str(tmp_path / "unplugged"))
+    served.apply()
+    (tmp_path / "unplugged" / "serial").write_text("OTHER001\n")  # another stick of the same make comes to the port
+    shutil.move(str(tmp_path / "unplugged"), str(base))
+    served.apply()
+    assert match_list.read_text() == "del 2-1"
+    assert served.parked == {} and served.bound == {}
+    assert lines[-1] == "gave 2-1 back to its driver: it is not 46f4:0001:KING0001"
+
+
+def test_an_unplugged_export_dropped_from_the_table_lets_its_port_go(exporter, tmp_path):
+    served, _port, _lines, base = exporter
+    match_list = tmp_path / "sys" / "drivers" / "usbip-host" / "match_busid"
+    shutil.move(str(base), str(tmp_path / "unplugged"))
+    served.apply()
+    assert served.parked
+    served.table = dict(served.table, exports=[])
+    served.apply()
+    assert match_list.read_text() == "del 2-1"
+    assert served.parked == {}
 
 
 def test_a_watch_held_as_long_as_the_exporter_holds_one_is_answered_not_yet(exporter):

@@ -160,7 +160,7 @@ def _wait_local(vhci_port, deadline, vhci=VHCI, root=SYS_USB):
             return device
         if time.monotonic() > deadline:
             raise UsbipError("vhci port %d: the imported device did not appear within the timeout" % vhci_port)
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 def _source(host, link_address, port):

@@ -113,6 +113,10 @@ def local_devices(root=SYS_USB):
     return found
 
 
+def is_present(busid, root=SYS_USB):
+    return os.path.isdir(os.path.join(root, "devices", busid))
+
+
 def driver_of(busid, root=SYS_USB):
     try:
         return os.path.basename(os.readlink(os.path.join(root, "devices", busid, "driver")))
@@ -149,7 +153,7 @@ def unbind(busid, root=SYS_USB):
             write(os.path.join(root, "drivers", "usbip-host", "match_busid"), "del %s" % busid)
         except UsbipError:
             pass  # not in the table
-    if bound and os.path.isdir(os.path.join(root, "devices", busid)):
+    if bound and is_present(busid, root):
         write(os.path.join(root, "drivers_probe"), busid)
     return bound
 
