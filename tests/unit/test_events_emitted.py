@@ -1,0 +1,91 @@
+"""Who records which events: the agent (udev's devices added and removed, its passes' attaches, the replugs it gives
+back, declared devices missing, hostdevs someone else attached), a converge (usb_attach, usb_detach: attached and
+detached by converge, nothing in check mode) and the exporter (its refusals, rate-limited as its log). Each writer runs
+as a process of its own against the run's libvirtd, with a store of the test's own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.lib import usbtree
+from tests.lib.domains import URI
+from tests.lib.modrun import attach, collection_root, detach
+from tests.lib.trees import KINGSTON_ID, TWINS
+from tests.lib.usbtree import sysfs_path
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DRIVER = os.path.join(REPO, "tests", "lib", "agent_events_driver.py")
+KINGSTON_HOSTDEV = "<hostdev mode='subsystem' type='usb'><source startupPolicy='optional'><vendor id='0x0951'/><product id='0x1666'/></source></hostdev>"
+
+
+def recorded(directory):
+    path = os.path.join(str(directory), "events.jsonl")
+    with open(path) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def about(events, domain):
+    return [event for event in events if event.get("domain") == domain]
+
+
+def test_the_agent_records_plugs_its_attaches_a_replug_given_back_a_device_missing_and_who_else_attached(domains, tmp_path):
+    replugged = domains.define("events-replug")
+    attach({"domain": replugged, "devices": ["0627:0001:42"]}, TWINS)
+    put_back = domains.define("events-putback")
+    attach({"domain": put_back, "devices": ["0951:1666"]}, TWINS)
+    domains.lookup(put_back).detachDeviceFlags(KINGSTON_HOSTDEV, 2)  # VIR_DOMAIN_AFFECT_CONFIG
+    missing = domains.define("events-missing")
+    domains.set_intent(missing, '<passthrough><device id="1234:5678:GONE" serial="GONE"><selector id="1234:5678:GONE"/></device></passthrough>')
+    aliased = "<hostdev mode='subsystem' type='usb'><source><vendor id='0x%s'/><product id='0x%s'/></source><alias name='ua-usb'/></hostdev>"
+    other = domains.define("events-other", [aliased % ("0627", "0001")])
+    announced = domains.define("events-announced", [aliased % ("0951", "1666")])
+    store = tmp_path / "events"
+    tree = tmp_path / "tree.umockdev"
+    tree.write_text(usbtree.render(TWINS))
+    command = ["umockdev-run", "-d", str(tree), "--", sys.executable, DRIVER, URI, str(store), "/sys" + sysfs_path("1-1"), other, announced]
+    process = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=collection_root(), KVMHOST_USB_EVENTS=str(store)), timeout=120, check=False)
+    assert process.returncode == 0, process.stdout + process.stderr
+    events = recorded(store)
+    assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
+
+    # The pass before the replug: the Kingston put back, by the agent, in the stopped domain's persistent configuration.
+    [put] = about(events, put_back)
+    assert (put["kind"], put["by"], put["scopes"], put["device"]["id"]) == ("attached", "agent", ["persistent"], KINGSTON_ID)
+    assert put["device"]["port"] == "2-1" and put["device"]["serial"] == "E0D55EA5741AF160B9740A81" and "attached_to" not in put["device"]
+
+    # The replug: removed (as the tablet was), added (at its new address), given back by the re-bind, and no "attached":
+    # the domain held it all along.
+    plugs = [(event["kind"], event["device"]["id"], event["device"]["address"]) for event in events if event["kind"] in ("added", "removed")]
+    assert plugs == [("removed", "0627:0001:42", "001:002"), ("added", "0627:0001:42", "001:007")]
+    [given] = about(events, replugged)
+    assert given["kind"] == "given_back" and given["device"]["id"] == "0627:0001:42" and given["device"]["address"] == "001:007"
+    assert 0.2 <= given["seconds"] < 30
+
+    # Missing once, however often it is looked at.
+    [gone] = about(events, missing)
+    assert gone["kind"] == "missing" and gone["device"]["id"] == "1234:5678:GONE" and gone["seconds"] >= 0.5
+
+    # A hostdev libvirt reports added that nobody announced is someone else's; the one a converge announced is not.
+    [by_other] = about(events, other)
+    assert (by_other["kind"], by_other["by"]) == ("attached", "other")
+    # Its vendor:product designates both twin tablets: the event names the hostdev, not a device.
+    assert "device" not in by_other and (by_other["hostdev"]["vendor_id"], by_other["hostdev"]["product_id"]) == ("0627", "0001")
+    assert [(event["kind"], event["by"]) for event in about(events, announced)] == [("attached", "converge")]
+
+
+def test_a_converge_records_what_it_attached_and_detached_and_check_mode_nothing(domains, tmp_path):
+    name = domains.define("events-converge")
+    env = {"KVMHOST_USB_EVENTS": str(tmp_path / "events")}
+    assert attach({"domain": name, "devices": ["0951:1666"]}, check_mode=True, env=env)["changed"] is True
+    assert not (tmp_path / "events" / "events.jsonl").exists()
+    assert attach({"domain": name, "devices": ["0951:1666"]}, env=env)["changed"] is True
+    assert attach({"domain": name, "devices": ["0951:1666"]}, env=env)["changed"] is False
+    assert detach({"domain": name, "devices": ["0951:1666"]}, env=env)["changed"] is True
+    events = recorded(tmp_path / "events")
+    assert [(event["seq"], event["kind"], event["by"], event["domain"], event["device"]["id"], event["scopes"]) for event in events] == [
+        (1, "attached", "converge", name, KINGSTON_ID, ["persistent"]),
+        (2, "detached", "converge", name, KINGSTON_ID, ["persistent"]),
+    ]
