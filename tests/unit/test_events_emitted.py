@@ -7,18 +7,47 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 from tests.lib import usbtree
 from tests.lib.domains import URI
 from tests.lib.modrun import attach, collection_root, detach
 from tests.lib.trees import KINGSTON_ID, TWINS
+from tests.lib.usbip_exporter import STICK, fake_sysfs, serving
 from tests.lib.usbtree import sysfs_path
+
+sys.path.insert(0, collection_root())
+from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import wire  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DRIVER = os.path.join(REPO, "tests", "lib", "agent_events_driver.py")
+EXPORT = {"id": "46f4:0001:KING0001", "selector": {"id": "46f4:0001:KING0001"}, "importer": "kvm2", "importer_address": "127.0.0.1", "domain": "buildvm"}
 KINGSTON_HOSTDEV = "<hostdev mode='subsystem' type='usb'><source startupPolicy='optional'><vendor id='0x0951'/><product id='0x1666'/></source></hostdev>"
+
+
+def exchange(port, data, source="127.0.0.1"):
+    """One request on a connection of its own from ``source``: the exporter's whole answer, b"" when it closed unanswered."""
+    sock = socket.socket()
+    sock.settimeout(10)
+    try:
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                return reply
+            if not chunk:
+                return reply
+            reply += chunk
+    finally:
+        sock.close()
 
 
 def recorded(directory):
@@ -89,3 +118,25 @@ def test_a_converge_records_what_it_attached_and_detached_and_check_mode_nothing
         (1, "attached", "converge", name, KINGSTON_ID, ["persistent"]),
         (2, "detached", "converge", name, KINGSTON_ID, ["persistent"]),
     ]
+
+
+def test_the_exporter_records_its_refusals_as_it_logs_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVMHOST_USB_EVENTS", str(tmp_path / "events"))
+    fake_sysfs(tmp_path / "sys", STICK)
+    now = [1000.0]
+    with serving(tmp_path, [EXPORT], tmp_path / "sys") as (served, port, lines):
+        served.refusals.clock = lambda: now[0]
+        for _index in range(10):
+            assert exchange(port, wire.pack_import_request("9-9")) is not None
+        assert exchange(port, wire.OP_COMMON.pack(wire.USBIP_VERSION, wire.OP_REQ_DEVLIST, 0), source="127.0.0.2") == b""
+        now[0] += 61
+        deadline = time.monotonic() + 10
+        while not [line for line in lines if line.startswith("9 more")] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    events = recorded(tmp_path / "events")
+    assert [(event["kind"], event["side"], event["peer"], event["reason"], event["count"]) for event in events] == [
+        ("refused", "exporter", "127.0.0.1", "import not exported", 1),
+        ("refused", "exporter", "127.0.0.2", "undeclared address", 1),
+        ("refused", "exporter", "127.0.0.1", "import not exported", 9),
+    ]
+    assert events[0]["message"] == "refused the import of 9-9 by 127.0.0.1: not exported to it"
