@@ -75,7 +75,8 @@ def test_the_agent_records_plugs_its_attaches_a_replug_given_back_a_device_missi
     tree = tmp_path / "tree.umockdev"
     tree.write_text(usbtree.render(TWINS))
     command = ["umockdev-run", "-d", str(tree), "--", sys.executable, DRIVER, URI, str(store), "/sys" + sysfs_path("1-1"), other, announced]
-    process = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=collection_root(), KVMHOST_USB_EVENTS=str(store)), timeout=120, check=False)
+    env = dict(os.environ, PYTHONPATH=collection_root(), KVMHOST_USB_EVENTS=str(store))
+    process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
     assert process.returncode == 0, process.stdout + process.stderr
     events = recorded(store)
     assert [event["seq"] for event in events] == list(range(1, len(events) + 1))

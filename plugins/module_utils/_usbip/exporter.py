@@ -332,7 +332,7 @@ class Exporter:
         """One turn of the loop: wait for events (``longest`` seconds at most, less when a connection's deadline comes
         sooner) and handle them, answer the watches whose export is back, close the connections past their deadline,
         log the refusals not logged yet."""
-        for key, _events in self.selector.select(timeout=self.server.timeout(longest)):
+        for key, _mask in self.selector.select(timeout=self.server.timeout(longest)):
             key.data()
         self.answer_watches()
         self.server.expire()
