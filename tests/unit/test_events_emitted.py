@@ -141,3 +141,45 @@ def test_the_exporter_records_its_refusals_as_it_logs_them(tmp_path, monkeypatch
         ("refused", "exporter", "127.0.0.1", "import not exported", 9),
     ]
     assert events[0]["message"] == "refused the import of 9-9 by 127.0.0.1: not exported to it"
+
+
+WG = """#!/bin/sh
+# wg show kvmhost-usb latest-handshakes, as the test's file says it
+[ "$*" = "show kvmhost-usb latest-handshakes" ] || exit 1
+cat "$HANDSHAKES"
+"""
+
+
+def test_the_agent_records_a_link_peer_down_and_up_on_changes_only(tmp_path, monkeypatch):
+    from ansible_collections.kvmhost.usb.plugins.module_utils import _agent, _events, _link
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "wg").write_text(WG)
+    (tmp_path / "bin" / "wg").chmod(0o755)
+    handshakes = tmp_path / "handshakes"
+    monkeypatch.setenv("PATH", "%s:%s" % (tmp_path / "bin", os.environ["PATH"]))
+    monkeypatch.setenv("HANDSHAKES", str(handshakes))
+    settings = tmp_path / "link.json"
+    peers = [
+        {"name": "kvm2", "public_key": "K2", "endpoint": "10.77.0.2:51871", "tunnel_address": "10.213.0.2"},
+        {"name": "kvm3", "public_key": "K3", "endpoint": "10.77.0.3:51871", "tunnel_address": "10.213.0.3"},
+    ]
+    settings.write_text(json.dumps({"peers": peers}))
+    monkeypatch.setattr(_link, "SETTINGS_FILE", str(settings))
+    now = [1_800_000_000.0]
+    store = _events.Store(str(tmp_path / "events"))
+    agent = _agent.Agent("test:///default", store=store, wall=lambda: now[0], out=open(os.devnull, "w"))
+
+    def look(k2, k3):
+        handshakes.write_text("K2\t%d\nK3\t%d\n" % (k2, k3))
+        agent.check_link()
+        return [(event["kind"], event["name"]) for event in store.read()[0]]
+
+    # The first look tells only the peer that is down (kvm3 never shook hands); kvm2's last handshake 10 s ago is up.
+    assert look(now[0] - 10, 0) == [("link_down", "kvm3")]
+    assert look(now[0] - 20, 0) == [("link_down", "kvm3")]
+    # kvm2 silent past WireGuard's 180 s; kvm3 back.
+    now[0] += 200
+    assert look(now[0] - 200, now[0] - 5) == [("link_down", "kvm3"), ("link_down", "kvm2"), ("link_up", "kvm3")]
+    down = store.read()[0][1]
+    assert (down["peer"], down["endpoint"]) == ("10.213.0.2", "10.77.0.2:51871") and down["handshake"].endswith("+00:00")
