@@ -450,7 +450,11 @@ class Agent:
             for item in due:
                 if not any(self._announces(event, item) for event in events):
                     device = item["device"]
-                    what = {"device": _usb.public_view(device)} if device else {"hostdev": item["hostdev"]}
+                    # A hostdev that designates no one device: as usb_facts shows a domain's hostdevs.
+                    if device:
+                        what = {"device": _usb.public_view(device)}
+                    else:
+                        what = {"hostdev": _host.HostModel(list(self.known.values()), []).hostdev_view(item["hostdev"])}
                     self.emit(item["kind"], domain=item["domain"], by="other", **what)
         if self.announce_timer is not None:
             _libvirt.libvirt.virEventUpdateTimeout(self.announce_timer, 1000 if self.unannounced else -1)
