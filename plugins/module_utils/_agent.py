@@ -31,6 +31,13 @@ the pass that follows the reconnect. A pass killed half-way leaves nothing the n
 hostdevs change before the intent that records them, and the planner recognises either half. It prints
 one line per action (reconnects included); under systemd the journal keeps them.
 
+It records the host's events (``_events``): a device added or removed (udev), attached or detached by its pass (or
+by something else, when libvirt reports a USB hostdev added to or removed from a domain that neither the agent nor a
+converge announced within ``ANNOUNCED_WITHIN`` seconds), a declared device missing longer than ``--missing-after``
+seconds (once per absence), a replug it repaired (``given_back``, with the seconds from the removal), an import
+refused (once per failure message, as it logs them), and the WireGuard peers of a linked host going down and up (their
+latest handshake, every ``LINK_CHECK`` seconds).
+
 Run it as ``python3 -m ansible_collections.kvmhost.usb.plugins.module_utils._agent`` (the role
 ``kvmhost.usb.passthrough`` installs it as the service ``kvmhost-usb-agent``).
 """
@@ -38,13 +45,14 @@ Run it as ``python3 -m ansible_collections.kvmhost.usb.plugins.module_utils._age
 from __future__ import annotations
 
 import argparse
+import datetime
 import socket
 import sys
 import time
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _crosshost, _host, _libvirt, _lock, _passthrough, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils import _crosshost, _events, _host, _libvirt, _link, _lock, _passthrough, _usb
 from ansible_collections.kvmhost.usb.plugins.module_utils._errors import LibvirtError, PassthroughError, UsbipError
 from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import wire
 
@@ -59,6 +67,7 @@ class Action:
     domain: str
     scope: str
     hostdev: dict
+    device: dict | None = None  # the device planned (an absent one's stand-in included)
 
     def line(self):
         hostdev = self.hostdev
@@ -71,6 +80,14 @@ class Action:
         if self.verb == "re-bound":
             return "re-bound %s in %s (%s, %s)" % (self.device_id, self.domain, self.scope, where)
         return "removed stale %s from %s (%s, %s); intent kept" % (self.device_id, self.domain, self.scope, where)
+
+
+@dataclass
+class PassReport:
+    """What a pass did beyond its lines, for the agent's events: the actions carried out and the host as it read it."""
+
+    actions: list = field(default_factory=list)
+    model: object = None
 
 
 @dataclass
@@ -111,30 +128,32 @@ def plan_domain(planner, domain):
                 continue
             before = len(planner.steps)
             planner.plan_attach(domain, [scope], entry["selector"], device)
-            actions.extend(_actions(planner.steps[before:], entry["id"]))
+            actions.extend(_actions(planner.steps[before:], entry["id"], device))
     return actions, skipped
 
 
-def _actions(steps, device_id):
+def _actions(steps, device_id, device=None):
     attached = [step for step in steps if step.action == "attach"]
     if attached:
         step = attached[-1]
         verb = "attached" if step.scope == LIVE or len(steps) == 1 else "re-bound"
-        return [Action(verb, device_id, step.domain.name, step.scope, step.hostdev)]
-    return [Action("removed stale", device_id, step.domain.name, step.scope, step.hostdev) for step in steps if step.action == "detach"]
+        return [Action(verb, device_id, step.domain.name, step.scope, step.hostdev, device)]
+    return [Action("removed stale", device_id, step.domain.name, step.scope, step.hostdev, device) for step in steps if step.action == "detach"]
 
 
 # Seconds an import may take until the device is a local USB device (several under TCG).
 IMPORT_TIMEOUT = 20.0
 
 
-def reconcile(conn, uri="qemu:///system", check_mode=False, importer=None):
+def reconcile(conn, uri="qemu:///system", check_mode=False, importer=None, report=None):
     """One pass over every declared domain; the lines to log, one per action (or refusal).
 
     Devices another host exports to this one are imported first (``importer``, a ``_crosshost.Imports`` the agent keeps
     across passes); then each domain is planned and carried out on its own, so a domain libvirt refuses does not hold
-    up the others."""
+    up the others. What it attaches and detaches is announced in the events as the agent's; ``report`` (a
+    ``PassReport``) gets the actions carried out and the host model."""
     planner = _passthrough.Planner(conn, uri, check_mode)
+    planner.by = "agent"
     lines = []
     with _lock.maybe_lock(check_mode):
         planner.enumerate()
@@ -150,6 +169,8 @@ def reconcile(conn, uri="qemu:///system", check_mode=False, importer=None):
                 domains = planner.model.domains
                 planner.enumerate()
                 planner.model.domains = domains
+        if report is not None:
+            report.model = planner.model
         for domain in planner.model.domains:
             if not declares(domain):
                 continue
@@ -169,6 +190,8 @@ def reconcile(conn, uri="qemu:///system", check_mode=False, importer=None):
                 planner.warnings = []
             if planner.touched and not actions and not check_mode:
                 lines.append("updated the intent of %s" % domain.name)
+            if report is not None and not check_mode:
+                report.actions.extend(actions)
             lines.extend(("would have " if check_mode else "") + action.line() for action in actions)
     return lines
 
@@ -222,12 +245,22 @@ WATCH_TIMEOUT = 5.0
 # A watch answered "not yet" after being held this long at least is opened again at once; one answered sooner waits for
 # the next timed pass, so that no exporter can make the agent loop.
 WATCH_HELD_LEAST = 10.0
+# A USB hostdev libvirt reports added to or removed from a domain is someone else's doing ("other") unless the agent or
+# a converge announced it within this many seconds of it.
+ANNOUNCED_WITHIN = 5.0
+# A declared device absent this long is ``missing`` (--missing-after).
+MISSING_AFTER = 300.0
+# How often a linked host's WireGuard peers are looked at, and how old their latest handshake may be before a peer is
+# down (WireGuard's reject-after time: no packet of an older session is taken).
+LINK_CHECK = 15.0
+LINK_DOWN_AFTER = 180
 
 
 class Agent:
     """udev monitor and libvirt events in one process, on libvirt's default event loop."""
 
-    def __init__(self, uri, quiet=0.5, longest=3.0, period=60.0, out=None, clock=time.monotonic):
+    def __init__(self, uri, quiet=0.5, longest=3.0, period=60.0, out=None, clock=time.monotonic, missing_after=MISSING_AFTER, store=None,
+                 link_check=LINK_CHECK, wall=time.time):
         self.uri = uri
         self.period = period
         self.out = out or sys.stdout
@@ -246,10 +279,29 @@ class Agent:
         self.import_retries = 0
         self.watches = {}  # selector key -> Watch
         self.unwatched = set()  # the keys whose exporter refused the watch, until they are no longer away
+        # Events
+        self.store = store or _events.Store()
+        self.wall = wall
+        self.missing_after = missing_after
+        self.link_check = link_check
+        self.known = {}  # sys_path -> device, as udev last said
+        self.removed = {}  # device id -> when it was removed, until a pass gives it back or finds it needs nothing
+        self.last_seen = {}  # device id -> the device as it was when removed
+        self.absent = {}  # (domain name, device id) -> since when a declared device is absent
+        self.said_missing = set()
+        self.missing_timer = None
+        self.aliases = {}  # (domain uuid, alias) -> the USB hostdev of a running domain
+        self.unannounced = []  # hostdevs libvirt reported added or removed, until their announcement is looked for
+        self.announce_timer = None
+        self.link_up = {}  # a peer's public key -> whether it was up at the last look
+        self.link_error = None
 
     def log(self, line):
         self.out.write(line + "\n")
         self.out.flush()
+
+    def emit(self, kind, **fields):
+        return _events.emit(kind, store=self.store, log=self.log, **fields)
 
     # Events
 
@@ -267,7 +319,190 @@ class Agent:
             if device is None:
                 return
             if device.action in ("add", "remove"):
+                self.device_event(device.action, device)
                 self.poke(during_pass)
+
+    # Devices plugged in and out
+
+    def remember_devices(self, context=None):
+        self.known = dict((device["sys_path"], device) for device in _usb.enumerate_devices(context))
+
+    def device_event(self, action, device):
+        """udev's add or remove of a USB device (a pyudev device): ``added`` or ``removed``, for a device that is no hub,
+        as usb_facts shows it (a removed one as it was)."""
+        if action == "remove":
+            known = self.known.pop(device.sys_path, None)
+            if known is None or known["is_hub"] or known["is_root_hub"]:
+                return
+            self.removed[known["id"]] = self.clock()
+            self.last_seen[known["id"]] = _usb.public_view(known)
+            self.emit("removed", device=_usb.public_view(known))
+            return
+        try:
+            read = _usb.read_device(device)
+        except (OSError, ValueError) as error:
+            self.log("cannot read %s, just added: %s" % (device.sys_path, error))
+            return
+        self.known[read["sys_path"]] = read
+        _usb.assign_ids(list(self.known.values()))
+        if not (read["is_hub"] or read["is_root_hub"]):
+            self.emit("added", device=_usb.public_view(read))
+
+    def after_pass(self, report):
+        """The events of a pass beyond its attaches and detaches (the planner announced those): replugs given back,
+        imports refused, declared devices missing; and the USB hostdevs of the running domains, by alias."""
+        now = self.clock()
+        for action in report.actions:
+            if action.verb in ("attached", "re-bound") and action.device_id in self.removed:
+                seconds = now - self.removed.pop(action.device_id)
+                device = _usb.public_view(action.device) if action.device else self.last_seen.get(action.device_id)
+                self.emit("given_back", device=device, domain=action.domain, seconds=round(seconds, 3))
+        for refusal in self.importer.refused:
+            self.emit("refused", peer=refusal["peer"], reason=refusal["reason"], side="importer", domain=refusal["domain"], device={"id": refusal["id"]})
+        self.importer.refused = []
+        model = report.model
+        if model is None:
+            return
+        present = set(device["id"] for device in model.devices)
+        for device_id in [device_id for device_id in self.removed if device_id in present]:
+            del self.removed[device_id]  # back, and nothing to repair
+        self.aliases = dict(
+            ((domain.uuid, hostdev["alias"]), hostdev)
+            for domain in model.domains if LIVE in domain.configs
+            for hostdev in domain.configs[LIVE].hostdevs if hostdev.get("alias")
+        )
+        self.track_missing(model, present)
+
+    def track_missing(self, model, present):
+        declared = set()
+        for domain in model.domains:
+            if not declares(domain):
+                continue
+            for config in domain.configs.values():
+                for entry in config.intent:
+                    if model.find(entry) is None:
+                        declared.add((domain.name, entry["id"]))
+        for key in [key for key in self.absent if key not in declared]:
+            del self.absent[key]
+            self.said_missing.discard(key)
+        for key in declared:
+            self.absent.setdefault(key, self.removed.get(key[1], self.clock()))
+        for device_id in [device_id for device_id in self.last_seen if device_id in present]:
+            del self.last_seen[device_id]
+        self.check_missing()
+
+    def check_missing(self, *_args):
+        """``missing`` for each declared device absent ``missing_after`` seconds, once per absence; the next look
+        scheduled for the next one due."""
+        now = self.clock()
+        due = None
+        for key, since in sorted(self.absent.items()):
+            if key in self.said_missing:
+                continue
+            if now - since < self.missing_after:
+                due = min(due if due is not None else self.missing_after, since + self.missing_after - now)
+                continue
+            self.said_missing.add(key)
+            domain, device_id = key
+            device = self.last_seen.get(device_id) or _host.absent_device(device_id)
+            self.emit("missing", device=device, domain=domain, seconds=round(now - since, 3))
+        if self.missing_timer is not None:
+            _libvirt.libvirt.virEventUpdateTimeout(self.missing_timer, -1 if due is None else max(1, int(due * 1000)))
+
+    # USB hostdevs added or removed by someone else
+
+    def on_device_added(self, _conn, domain, alias, _opaque):
+        try:
+            hostdevs = [hostdev for hostdev in _libvirt.usb_hostdevs(domain.XMLDesc(0)) if hostdev.get("alias") == alias]
+            uuid, name = domain.UUIDString(), domain.name()
+        except _libvirt.libvirt.libvirtError:
+            return
+        if hostdevs:
+            self.aliases[(uuid, alias)] = hostdevs[0]
+            self.unannounce("attached", name, hostdevs[0])
+
+    def on_device_removed(self, _conn, domain, alias, _opaque):
+        try:
+            uuid, name = domain.UUIDString(), domain.name()
+        except _libvirt.libvirt.libvirtError:
+            return
+        hostdev = self.aliases.pop((uuid, alias), None)
+        if hostdev is not None:
+            self.unannounce("detached", name, hostdev)
+
+    def unannounce(self, kind, domain, hostdev):
+        devices = [device for device in self.known.values() if _libvirt.hostdev_matches(hostdev, device)]
+        self.unannounced.append({"kind": kind, "domain": domain, "hostdev": hostdev, "device": devices[0] if len(devices) == 1 else None,
+                                 "seen": self.clock(), "at": self.wall()})
+        if self.announce_timer is not None:
+            _libvirt.libvirt.virEventUpdateTimeout(self.announce_timer, 1000)
+
+    def check_announced(self, *_args):
+        """``attached``/``detached`` by "other" for the hostdevs libvirt reported that no event announced within
+        ANNOUNCED_WITHIN seconds of it."""
+        now = self.clock()
+        due = [item for item in self.unannounced if now - item["seen"] >= ANNOUNCED_WITHIN]
+        self.unannounced = [item for item in self.unannounced if item not in due]
+        if due:
+            try:
+                events, _last = self.store.read()
+            except (OSError, _events.EventsError) as error:
+                self.log("cannot read the events to tell who changed a domain: %s" % error)
+                events = []
+            for item in due:
+                if not any(self._announces(event, item) for event in events):
+                    device = item["device"]
+                    # A hostdev that designates no one device: as usb_facts shows a domain's hostdevs.
+                    if device:
+                        what = {"device": _usb.public_view(device)}
+                    else:
+                        what = {"hostdev": _host.HostModel(list(self.known.values()), []).hostdev_view(item["hostdev"])}
+                    self.emit(item["kind"], domain=item["domain"], by="other", **what)
+        if self.announce_timer is not None:
+            _libvirt.libvirt.virEventUpdateTimeout(self.announce_timer, 1000 if self.unannounced else -1)
+
+    @staticmethod
+    def _announces(event, item):
+        if event.get("kind") != item["kind"] or event.get("domain") != item["domain"] or event.get("by") not in ("agent", "converge"):
+            return False
+        if item["device"] is not None and (event.get("device") or {}).get("id") not in (None, item["device"]["id"]):
+            return False
+        try:
+            when = datetime.datetime.fromisoformat(event["time"]).timestamp()
+        except (KeyError, TypeError, ValueError):
+            return False
+        return abs(when - item["at"]) <= ANNOUNCED_WITHIN
+
+    # The link
+
+    def check_link(self, *_args):
+        """``link_down``/``link_up`` when a WireGuard peer's state changed since the last look (at the first look, only
+        when it is down): down when its latest handshake is older than LINK_DOWN_AFTER seconds, or never was."""
+        peers = (_link.read_settings() or {}).get("peers") or []
+        if not peers:
+            self.link_up = {}
+            return
+        try:
+            handshakes = _link.handshakes()
+        except _link.LinkError as error:
+            if str(error) != self.link_error:
+                self.log("cannot look at the link's peers: %s" % error)
+            self.link_error = str(error)
+            return
+        self.link_error = None
+        now = self.wall()
+        for peer in peers:
+            last = handshakes.get(peer["public_key"], 0)
+            up = bool(last) and now - last <= LINK_DOWN_AFTER
+            before = self.link_up.get(peer["public_key"])
+            self.link_up[peer["public_key"]] = up
+            if before == up or (before is None and up):
+                continue
+            self.log("the link to %s (%s) is %s" % (peer["name"], peer["tunnel_address"], "up" if up else "down"))
+            self.emit(
+                "link_up" if up else "link_down", peer=peer["tunnel_address"], name=peer["name"], endpoint=peer.get("endpoint"),
+                handshake=_events.now_text(last) if last else None,
+            )
 
     def on_lifecycle(self, _conn, _domain, event, _detail, _opaque):
         if event == _libvirt.libvirt.VIR_DOMAIN_EVENT_STARTED:
@@ -301,6 +536,8 @@ class Agent:
             conn = libvirt.open(self.uri)
             conn.setKeepAlive(5, 3)
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self.on_lifecycle, None)
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, self.on_device_added, None)
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self.on_device_removed, None)
             conn.registerCloseCallback(self.on_close, None)
         except libvirt.libvirtError as error:
             self.lost = conn
@@ -352,8 +589,9 @@ class Agent:
             self.conn = self.connect()
             if self.conn is None:
                 return
+        report = PassReport()
         try:
-            lines = reconcile(self.conn, self.uri, importer=self.importer)
+            lines = reconcile(self.conn, self.uri, importer=self.importer, report=report)
         except (_libvirt.libvirt.libvirtError, PassthroughError, OSError) as error:
             message = _libvirt.error_message(error) if isinstance(error, _libvirt.libvirt.libvirtError) else str(error)
             if not self.alive():
@@ -362,6 +600,7 @@ class Agent:
             else:
                 self.log("reconcile failed: %s" % message)
             return
+        self.after_pass(report)
         self.schedule_import_retry()
         self.watch_away(skip)
         skipped = [line for line in lines if line.startswith("not attaching")]
@@ -442,16 +681,22 @@ class Agent:
         self.monitor = _usb.pyudev.Monitor.from_netlink(context)
         self.monitor.filter_by(subsystem="usb", device_type="usb_device")
         self.monitor.start()
+        self.remember_devices(context)
         libvirt.virEventAddHandle(self.monitor.fileno(), libvirt.VIR_EVENT_HANDLE_READABLE, self.on_udev, None)
         self.tick = libvirt.virEventAddTimeout(-1, self.on_tick, None)
         self.retry = libvirt.virEventAddTimeout(-1, self.on_retry, None)
         self.import_retry = libvirt.virEventAddTimeout(-1, self.on_import_retry, None)
         libvirt.virEventAddTimeout(int(self.period * 1000), self.on_period, None)
+        self.missing_timer = libvirt.virEventAddTimeout(-1, self.check_missing, None)
+        self.announce_timer = libvirt.virEventAddTimeout(-1, self.check_announced, None)
+        if self.link_check > 0:
+            libvirt.virEventAddTimeout(int(self.link_check * 1000), self.check_link, None)
 
     def run(self):
         self.setup()
         self.log("watching USB devices and the domains of %s" % self.uri)
         self.pass_()
+        self.check_link()
         while True:
             _libvirt.libvirt.virEventRunDefaultImpl()
 
@@ -462,6 +707,10 @@ def main(argv=None):
     parser.add_argument("--quiet", type=float, default=0.5, help="seconds of quiet after which an event makes a pass at once (default: %(default)s)")
     parser.add_argument("--longest", type=float, default=3.0, help="longest delay of a pass in a burst of events (default: %(default)s)")
     parser.add_argument("--period", type=float, default=60.0, help="seconds between full passes without events (default: %(default)s)")
+    parser.add_argument(
+        "--missing-after", type=float, default=MISSING_AFTER,
+        help="seconds a declared device may be absent before the event 'missing' (default: %(default)s)",
+    )
     parser.add_argument("--once", action="store_true", help="make one pass and exit")
     parser.add_argument("--check", action="store_true", help="with --once: print what the pass would do, change nothing")
     args = parser.parse_args(argv)
@@ -484,7 +733,7 @@ def main(argv=None):
             conn.close()
         return 0
     try:
-        Agent(args.uri, quiet=args.quiet, longest=args.longest, period=args.period).run()
+        Agent(args.uri, quiet=args.quiet, longest=args.longest, period=args.period, missing_after=args.missing_after).run()
     except KeyboardInterrupt:
         return 0
     return 0

@@ -146,6 +146,8 @@ class Imports:
         self.made = []
         self.warnings = []
         self.failing = {}
+        # The agent's imports refused, once per failure message as its lines say them (``keep``), for its events.
+        self.refused = []
         # The agent's imports that fail because their exporter has the device away, each with the bus id it was at
         # there (``keep``): selector key -> {id, source, link_address, port, busid}.
         self.away = {}
@@ -220,6 +222,7 @@ class Imports:
                     message = "cannot import %s from %s for %s: %s; retrying" % (entry["id"], source(entry), domain.name, error)
                     if self.failing.get(key) != message:
                         lines.append(message)
+                        self.refused.append({"peer": selector["link_address"], "reason": str(error), "domain": domain.name, "id": entry["id"]})
                     self.failing[key] = message
                     self._note_away(key, entry, selector, error)
                     continue

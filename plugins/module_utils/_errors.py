@@ -63,3 +63,7 @@ class ControllerError(Exception):
 class LinkError(Exception):
     """The encrypted link between two hosts cannot be made: a tool or kernel module missing (the message names what to
     install), an address that is not the host's, or a command that failed."""
+
+
+class EventsError(Exception):
+    """The host's events store could not be used (its lock held too long)."""

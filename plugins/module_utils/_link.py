@@ -222,6 +222,23 @@ def status(root: str = "") -> dict | None:
     }
 
 
+def handshakes() -> dict:
+    """``{public key: latest handshake}`` of the interface's peers (seconds since the epoch, 0 for never), from
+    ``wg show kvmhost-usb latest-handshakes``; {} without the interface. LinkError when wg cannot say (not installed, or
+    not allowed)."""
+    shown = run(["wg", "show", INTERFACE, "latest-handshakes"], check=False)
+    if shown.returncode != 0:
+        if "No such device" in shown.stderr:
+            return {}
+        raise LinkError("wg show %s latest-handshakes failed: %s" % (INTERFACE, (shown.stderr or shown.stdout).strip()))
+    found = {}
+    for line in shown.stdout.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[1].isdigit():
+            found[fields[0]] = int(fields[1])
+    return found
+
+
 def differs(wanted: dict, now: dict | None, key: str | None) -> bool:
     """Whether the interface must be set up again to hold ``wanted`` with the private key whose public key is ``key``."""
     if now is None:

@@ -10,7 +10,8 @@ afterwards in a fixed order: every detach (live, then persistent) of every domai
 anywhere (live, then persistent), then the intent metadata. So moves, swaps and rotations need no
 ``steal`` and no device is ever in two guests at once. When libvirt refuses a step, the steps done so
 far are undone, across all domains. Check mode plans and reports, and carries out nothing. Diffs are
-rendered from the model before and after.
+rendered from the model before and after. A change carried out is announced in the host's events (``_events``): a
+device attached to or detached from a domain, by a converge or, for the agent's passes, by the agent (``by``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _crosshost, _declaration, _host, _intent, _libvirt, _lock, _mounts, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils import _crosshost, _declaration, _events, _host, _intent, _libvirt, _lock, _mounts, _usb
 from ansible_collections.kvmhost.usb.plugins.module_utils._errors import HostError, LibvirtError, PassthroughError, SelectorError
 from ansible_collections.kvmhost.usb.plugins.module_utils._host import LIVE, PERSISTENT, Config, Domain, HostModel
 
@@ -36,6 +37,9 @@ class Step:
     # A "define": the steps of a stopped domain, written with one define, and its definition before them.
     changes: list | None = None
     definition: str | None = None
+    # The device the step is about, an absent one's stand-in included (``device`` is None for it); None for a hostdev
+    # that designates no device the plan knows.
+    subject: dict | None = None
 
     def describe(self) -> str:
         if self.action == "define":
@@ -50,6 +54,9 @@ class Step:
             self.scope,
             _libvirt.hostdev_xml(self.hostdev),
         )
+
+
+SCOPE_ORDER = (LIVE, PERSISTENT)
 
 
 def _device_key(device: dict) -> Any:
@@ -72,6 +79,8 @@ class Planner:
         self.imports = _crosshost.Imports(check_mode)
         # Domains the operator wants changed live only (usb_attach with persistent: false).
         self.live_only = []
+        # Who carries the plan out, as the events say (``_events.BY``): the agent's passes set "agent".
+        self.by = "converge"
 
     # Reading the host
 
@@ -185,9 +194,10 @@ class Planner:
             hostdevs.append(hostdev)
         else:
             hostdevs.remove(hostdev)
+        subject = device
         if device is not None and device.get("absent"):
             device = None
-        self.steps.append(Step(domain=domain, scope=scope, action=action, hostdev=hostdev, device=device))
+        self.steps.append(Step(domain=domain, scope=scope, action=action, hostdev=hostdev, device=device, subject=subject))
         self._touch(domain)
 
     def _record(self, domain: Domain, config: Config, device: dict, selector: dict, rebound: bool) -> None:
@@ -342,7 +352,37 @@ class Planner:
         if steps and steps[-1].action != "intent":
             self._check_plugged(relied, None, done)
             self._warn_unplugged_detached(steps)
+        self.announce(steps)
         return steps
+
+    def announce(self, steps: list[Step]) -> list[dict]:
+        """The events of a change carried out: per domain and device, ``attached`` with the scopes it was attached in,
+        ``detached`` with those it left; a scope where its hostdev was only re-bound (detached and attached again, after
+        a replug) is no change of who holds it. A hostdev that designates no device the plan knows is told by its
+        ``hostdev`` (as usb_facts shows a domain's hostdevs). The events written (their store failing fails nothing)."""
+        changes = {}
+        for step in steps:
+            if step.action not in ("attach", "detach") or (step.scope == LIVE and LIVE not in step.domain.configs):
+                continue
+            subject = step.subject or step.device
+            key = (step.domain.name, subject["id"] if subject else _libvirt.hostdev_xml(step.hostdev))
+            change = changes.setdefault(key, {"step": step, "subject": subject, "attach": [], "detach": []})
+            change[step.action].append(step.scope)
+        written = []
+        for (domain, _key), change in changes.items():
+            for action, kind in (("attach", "attached"), ("detach", "detached")):
+                other = "detach" if action == "attach" else "attach"
+                scopes = [scope for scope in SCOPE_ORDER if scope in change[action] and scope not in change[other]]
+                if not scopes:
+                    continue
+                if change["subject"] is not None:
+                    what = {"device": _usb.public_view(change["subject"])}
+                else:
+                    what = {"hostdev": self.model.hostdev_view(change["step"].hostdev)}
+                event = _events.emit(kind, domain=domain, by=self.by, scopes=scopes, **what)
+                if event is not None:
+                    written.append(event)
+        return written
 
     def _unplugged(self, devices: list[dict]) -> list[dict]:
         found = []

@@ -8,6 +8,12 @@ exporter (service ``kvmhost-usb-exporter``), ``kvmhost-usb link up|down`` the Wi
 devices with (service ``kvmhost-usb-link``), ``kvmhost-usb status`` says what the host holds, exports and imports and
 how both services are, ``kvmhost-usb version`` the collection version and build hash the program was built from.
 
+``kvmhost-usb events [--since SEQ] [--follow] [--kinds K1,K2]`` prints the host's events (``_events``: devices added
+and removed, attached and detached and by whom, missing, given back, refused imports and exports, the link down and up,
+domains migrated), one JSON object a line, each with ``seq`` (per host, increasing, never reused), ``time``, ``host``
+and ``kind``: the kept ones after SEQ (all kept without it), then with ``--follow`` each new one as it comes. Exit 2
+for an unknown kind or a SEQ after the last event the host recorded; 1 when the store cannot be read.
+
 The module usb_runtime builds it from the collection's own module_utils (``_runtime_install``) as one zipapp; the
 build's version and hash reach ``main`` from the zipapp's ``__main__``.
 """
@@ -20,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _agent, _facts, _link, _usb, _version
+from ansible_collections.kvmhost.usb.plugins.module_utils import _agent, _events, _facts, _link, _usb, _version
 from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import exporter
 
 SERVICES = {"agent": "kvmhost-usb-agent.service", "exporter": "kvmhost-usb-exporter.service", "link": "kvmhost-usb-link.service"}
@@ -41,6 +47,15 @@ def service_states(systemctl: str = "systemctl") -> dict:
             continue
         states[role] = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
     return states
+
+
+def events_status() -> dict:
+    """``{"last": the last event's number, "kept": how many the store keeps}`` (0 and 0 before the first)."""
+    try:
+        state = _events.Store().state()
+    except OSError:
+        return {"last": None, "kept": None}
+    return {"last": state["last"], "kept": state["lines"]}
 
 
 def status(uri: str, build: dict) -> dict:
@@ -65,6 +80,7 @@ def status(uri: str, build: dict) -> dict:
         exports=exports,
         imports=imports,
         link=_link.status(),
+        events=events_status(),
         warnings=host["warnings"],
     )
 
@@ -102,6 +118,9 @@ def status_lines(report: dict) -> list[str]:
             "%s (%s, %s)" % (peer["name"], peer["tunnel_address"], _handshake(peer["handshake"])) for peer in link["peers"]
         )
         lines.append("link      %s %s to %s" % (link["interface"], link["address"], peers or "no peer"))
+    events = report.get("events") or {}
+    if events.get("last") is not None:
+        lines.append("events    last seq %d (%d kept; kvmhost-usb events)" % (events["last"], events["kept"]))
     if not (report["attached"] or report["exports"] or report["imports"]):
         lines.append("no device attached, exported or imported")
     lines += ["warning   %s" % warning for warning in report["warnings"]]
@@ -118,6 +137,7 @@ def main(argv: list[str] | None = None, build: dict | None = None) -> int:
     shown = commands.add_parser("status", help="what this host holds, exports and imports, and how its services are")
     shown.add_argument("--uri", default="qemu:///system", help="libvirt URI (default: %(default)s)")
     shown.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    commands.add_parser("events", help="this host's events, one JSON object a line (kvmhost-usb events --help)", add_help=False)
     commands.add_parser("version", help="the collection version and build hash of this program")
     args, rest = parser.parse_known_args(argv)
     if args.command == "agent":
@@ -126,6 +146,8 @@ def main(argv: list[str] | None = None, build: dict | None = None) -> int:
         return exporter.main(rest)
     if args.command == "link":
         return _link.main(rest)
+    if args.command == "events":
+        return _events.main(rest)
     if rest:
         parser.error("unrecognized arguments: %s" % " ".join(rest))
     if args.command == "version":

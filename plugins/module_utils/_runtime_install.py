@@ -22,7 +22,7 @@ import zipfile
 
 from dataclasses import dataclass, field
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _link, _runtime, _version
+from ansible_collections.kvmhost.usb.plugins.module_utils import _events, _link, _runtime, _version
 
 PACKAGE = "ansible_collections.kvmhost.usb.plugins.module_utils"
 ENTRY = PACKAGE + "._runtime"
@@ -131,8 +131,8 @@ def build(python: str = PYTHON) -> Build:
 
 # The units. Both run as root only because libvirt's qemu:///system socket and sysfs's USB/IP files admit root; they
 # keep no capability and see the least of the host that their work allows.
-HARDENING = """CapabilityBoundingSet=
-AmbientCapabilities=
+HARDENING = """CapabilityBoundingSet={capabilities}
+AmbientCapabilities={capabilities}
 NoNewPrivileges=yes
 ProtectSystem=strict
 {writable}
@@ -173,13 +173,15 @@ After=systemd-udevd.service libvirtd.service libvirtd.socket virtqemud.socket kv
 
 [Service]
 Type=simple
-ExecStart={python} {program} agent --uri {uri} --period {period}
+ExecStart={python} {program} agent --uri {uri} --period {period} --missing-after {missing_after}
 Restart=always
 RestartSec=2
+StateDirectory=kvmhost-usb
 {importer}
 # It talks to udev (netlink) and libvirt (unix socket), reads /sys and /run/udev, and writes nothing but the host lock
-# the modules share (/run/lock/kvmhost-usb.lock); a host that imports devices over USB/IP also reaches the exporting
-# hosts' link addresses (TCP) and writes vhci-hcd's attach and detach files.
+# the modules share (/run/lock/kvmhost-usb.lock) and the host's events (/var/lib/kvmhost-usb); a host that imports
+# devices over USB/IP also reaches the exporting hosts' link addresses (TCP) and writes vhci-hcd's attach and detach
+# files. On a linked host it reads its WireGuard peers' latest handshakes (wg show, which needs CAP_NET_ADMIN).
 """
 
 AGENT_IMPORTER = """# This host imports devices over USB/IP: vhci-hcd, loaded with full privileges before the sandbox applies, and the
@@ -206,10 +208,11 @@ Restart=always
 RestartSec=2
 RuntimeDirectory=kvmhost-usb
 RuntimeDirectoryPreserve=yes
+StateDirectory=kvmhost-usb
 
 # TCP on the tunnel address (the link address without encryption), and writes to sysfs (usbip-host's bind, unbind and match_busid, a device's usbip_sockfd,
 # drivers_probe). It reads /etc/kvmhost-usb/exports.json (and drops an export from it when its importer gives the
-# device back) and writes /run/kvmhost-usb/exported.json.
+# device back) and writes /run/kvmhost-usb/exported.json and its refusals to the host's events (/var/lib/kvmhost-usb).
 """
 
 
@@ -237,7 +240,10 @@ def link_unit(program: Build, python: str = PYTHON, path: str = PROGRAM) -> str:
     return LINK_UNIT.format(version=program.version, short=program.hash[:12], python=python, program=path)
 
 
-def agent_unit(program: Build, uri: str, period: float, import_addresses: list, python: str = PYTHON, path: str = PROGRAM) -> str:
+def agent_unit(
+    program: Build, uri: str, period: float, import_addresses: list, python: str = PYTHON, path: str = PROGRAM,
+    missing_after: float = 300, linked: bool = False,
+) -> str:
     if import_addresses:
         writable = "ReadWritePaths=/run/lock\nReadWritePaths=/sys/devices/platform"
         network = "RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6\nIPAddressDeny=any\nIPAddressAllow=%s" % " ".join(import_addresses)
@@ -246,9 +252,10 @@ def agent_unit(program: Build, uri: str, period: float, import_addresses: list, 
         network = "RestrictAddressFamilies=AF_UNIX AF_NETLINK\nIPAddressDeny=any"
     head = AGENT_UNIT.format(
         version=program.version, short=program.hash[:12], python=python, program=path, uri=uri, period=_number(period),
-        importer=AGENT_IMPORTER if import_addresses else "",
+        importer=AGENT_IMPORTER if import_addresses else "", missing_after=_number(missing_after),
     )
-    return head + "\n" + HARDENING.format(writable=writable, network=network, umask="0077")
+    capabilities = "CAP_NET_ADMIN" if linked else ""
+    return head + "\n" + HARDENING.format(writable=writable, network=network, umask="0077", capabilities=capabilities)
 
 
 def exporter_unit(program: Build, python: str = PYTHON, path: str = PROGRAM) -> str:
@@ -257,6 +264,7 @@ def exporter_unit(program: Build, python: str = PYTHON, path: str = PROGRAM) -> 
         writable="ReadWritePaths=/sys/bus/usb /sys/devices -/etc/kvmhost-usb",
         network="RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6",
         umask="0022",
+        capabilities="",
     )
 
 
@@ -304,22 +312,34 @@ class File:
             os.unlink(root + self.path)
 
 
+def events_settings(backlog: int = _events.BACKLOG, host: str | None = None) -> dict:
+    """What /etc/kvmhost-usb/events.json holds (``_events.read_settings``): the events kept, and the host's name in them."""
+    settings = {"backlog": int(backlog)}
+    if host:
+        settings["host"] = host
+    return settings
+
+
 def files(
-    program: Build, state: str, agent: bool, exporter: bool, uri: str, period: float, import_addresses: list, python: str, link: dict | None = None
+    program: Build, state: str, agent: bool, exporter: bool, uri: str, period: float, import_addresses: list, python: str, link: dict | None = None,
+    missing_after: float = 300, events: dict | None = None,
 ) -> dict:
     """``{name: File}``: every file the runtime owns, with what it should hold for this state; ``link`` the link's
-    settings (``_link.settings``), None without a link."""
+    settings (``_link.settings``), None without a link; ``events`` the events' settings (``events_settings``)."""
     present = state == "present"
     importer = present and agent and bool(import_addresses)
     linked = present and link is not None
     return {
         "link settings": File(_link.SETTINGS_FILE, (json.dumps(link, indent=2, sort_keys=True) + "\n").encode() if linked else None, 0o600),
+        "events settings": File(
+            _events.SETTINGS_FILE, (json.dumps(events or events_settings(), indent=2, sort_keys=True) + "\n").encode() if present else None,
+        ),
         "link unit": File(UNIT_DIR + "/kvmhost-usb-link.service", link_unit(program, python).encode() if linked else None),
         "program": File(PROGRAM, program.content if present else None, 0o755),
         "command": File(COMMAND, None, link=PROGRAM if present else None),
         "agent unit": File(
             UNIT_DIR + "/kvmhost-usb-agent.service",
-            agent_unit(program, uri, period, import_addresses, python).encode() if present and agent else None,
+            agent_unit(program, uri, period, import_addresses, python, missing_after=missing_after, linked=linked).encode() if present and agent else None,
         ),
         "exporter unit": File(
             UNIT_DIR + "/kvmhost-usb-exporter.service",

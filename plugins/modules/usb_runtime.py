@@ -13,7 +13,9 @@ description:
     C(kvmhost-usb agent) keeps declared devices attached across unplug, replug and domain start
     (service C(kvmhost-usb-agent)); C(kvmhost-usb exporter) offers this host's exported devices over USB/IP
     (service C(kvmhost-usb-exporter)); C(kvmhost-usb status) says what the host holds, exports and imports and how
-    both services are (C(--json) for scripts); C(kvmhost-usb version) prints the version and build hash.
+    both services are (C(--json) for scripts); C(kvmhost-usb version) prints the version and build hash;
+    C(kvmhost-usb events [--since SEQ] [--follow] [--kinds K1,K2]) prints the host's events, one JSON object a line
+    (devices added, removed, attached, detached, missing, given back; refusals; the link down and up).
   - The program is built on the host from the collection's own code that this module carries, as one zipapp
     (C(/usr/lib/kvmhost-usb/kvmhost-usb.pyz), on the PATH as C(/usr/local/bin/kvmhost-usb)). The module and the program
     it installs are of one version; the build hash is over the program's sources, so the same collection gives the same
@@ -63,6 +65,26 @@ options:
     description: Seconds between the agent's full passes when no event comes.
     type: float
     default: 60
+  agent_missing_after:
+    description:
+      - Seconds a device a domain's intent declares may be absent before the agent records the event C(missing)
+        (C(kvmhost-usb agent --missing-after)); once per absence.
+    type: float
+    default: 300
+    version_added: 0.2.0
+  events_backlog:
+    description:
+      - How many of the host's events C(/var/lib/kvmhost-usb) keeps for C(kvmhost-usb events) (the oldest go first;
+        the numbers go on). Kept in C(/etc/kvmhost-usb/events.json).
+    type: int
+    default: 1000
+    version_added: 0.2.0
+  host_name:
+    description:
+      - The host's name in its events (their C(host)), kept in C(/etc/kvmhost-usb/events.json). Omitted, the host name
+        the host gives itself.
+    type: str
+    version_added: 0.2.0
   python:
     description: The Python 3 interpreter the services run the program with (3.9 or later, with pyudev and libvirt-python).
     type: path
@@ -204,6 +226,12 @@ class RuntimeManager:
             self.module.fail_json(msg="python: %r is not an absolute path without white space" % params["python"])
         if params["agent_period"] <= 0:
             self.module.fail_json(msg="agent_period: %s is not a positive number of seconds" % params["agent_period"])
+        if params["agent_missing_after"] < 0:
+            self.module.fail_json(msg="agent_missing_after: %s is not a number of seconds" % params["agent_missing_after"])
+        if params["events_backlog"] < 1:
+            self.module.fail_json(msg="events_backlog: %s is not a positive number of events" % params["events_backlog"])
+        if params["host_name"] is not None and (not params["host_name"] or any(character.isspace() for character in params["host_name"])):
+            self.module.fail_json(msg="host_name: %r is not a host name (it must not be empty or hold white space)" % params["host_name"])
 
     def link_settings(self):
         """The link's settings as link.json keeps them; None without a link. Fails on malformed ones."""
@@ -284,7 +312,8 @@ class RuntimeManager:
         wanted = {"agent": present and params["agent"], "exporter": present and params["exporter"], "link": link is not None}
         files = _runtime_install.files(
             program, params["state"], params["agent"], params["exporter"], params["uri"], params["agent_period"],
-            params["import_addresses"], params["python"], link,
+            params["import_addresses"], params["python"], link, missing_after=params["agent_missing_after"],
+            events=_runtime_install.events_settings(params["events_backlog"], params["host_name"]),
         )
         if link_up:
             self.changes.append("set up the link %s with %s" % (_link.INTERFACE, ", ".join(peer["name"] for peer in link["peers"])))
@@ -374,6 +403,9 @@ def main():
             import_addresses=dict(type="list", elements="str", default=[]),
             uri=dict(type="str", default="qemu:///system"),
             agent_period=dict(type="float", default=60),
+            agent_missing_after=dict(type="float", default=300),
+            events_backlog=dict(type="int", default=1000),
+            host_name=dict(type="str"),
             python=dict(type="path", default="/usr/bin/python3"),
             link=dict(
                 type="dict",

@@ -271,3 +271,17 @@ def test_a_link_that_cannot_be_fails_clearly_and_writes_nothing(host, link, mess
     result = host.run(exporter=True, link=link)
     assert result["failed"] and message in result["msg"], result
     assert host.snapshot() == {} and host.calls() == []
+
+
+def test_the_events_settings_reach_the_agent_and_the_store(host):
+    result = host.run(agent_missing_after=30, events_backlog=50, host_name="kvm1")
+    assert not result["failed"] and result["changed"], result
+    agent_unit = host.file(AGENT_UNIT).read_text()
+    assert "ExecStart=/usr/bin/python3 %s agent --uri qemu:///system --period 60 --missing-after 30\n" % PROGRAM in agent_unit
+    assert "StateDirectory=kvmhost-usb\n" in agent_unit and "CapabilityBoundingSet=\n" in agent_unit
+    assert json.loads(host.file("/etc/kvmhost-usb/events.json").read_text()) == {"backlog": 50, "host": "kvm1"}
+    # The defaults: 300 s, 1000 events, the host's own name.
+    assert host.run()["changed"]
+    assert "--missing-after 300\n" in host.file(AGENT_UNIT).read_text()
+    assert json.loads(host.file("/etc/kvmhost-usb/events.json").read_text()) == {"backlog": 1000}
+    assert host.run(events_backlog=0)["msg"] == "events_backlog: 0 is not a positive number of events"

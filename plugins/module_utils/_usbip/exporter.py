@@ -28,7 +28,7 @@ import socket
 import sys
 import time
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration
+from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration, _events
 from ansible_collections.kvmhost.usb.plugins.module_utils._errors import UsbipError
 from ansible_collections.kvmhost.usb.plugins.module_utils._usbip import importer, server, sysfs, table, wire
 from ansible_collections.kvmhost.usb.plugins.module_utils._usbip.sysfs import SYS_USB
@@ -58,9 +58,13 @@ class Exporter:
         self.last_at = {}  # busid -> export: where each export's device was bound last, kept while it is away
         self.missing = set()
         self.selector = selectors.DefaultSelector()
-        self.refusals = server.Refusals(out)
+        self.refusals = server.Refusals(out, said=self.refused)
         self.server = server.Server(self.selector, self.peers, self.answer, self.refusals)
         self.reload_wanted = True
+
+    def refused(self, reason, peer, line, count):
+        """A refusal the log says (the first of its kind in an interval, or the count of the others): an event."""
+        _events.emit("refused", peer=peer, reason=reason, side="exporter", message=line, count=count, log=self.log)
 
     # The table
 
@@ -211,12 +215,12 @@ class Exporter:
         export = self.for_peer(peer).get(busid)
         device = sysfs.sysfs_device(busid, self.root) if export else None
         if export is None or device is None:
-            self.refusals.refuse("import not exported", "refused the import of %s by %s: not exported to it" % (busid, peer))
+            self.refusals.refuse("import not exported", "refused the import of %s by %s: not exported to it" % (busid, peer), peer)
             return wire.pack_op_common(wire.OP_REP_IMPORT, wire.ST_NODEV)
         status = sysfs.stub_status(busid, self.root)
         if status != sysfs.SDEV_ST_AVAILABLE:
             why = "in use by an earlier import" if status == sysfs.SDEV_ST_USED else "usbip status %d" % status
-            self.refusals.refuse("import unavailable", "refused the import of %s by %s: %s" % (busid, peer, why))
+            self.refusals.refuse("import unavailable", "refused the import of %s by %s: %s" % (busid, peer, why), peer)
             return wire.pack_op_common(wire.OP_REP_IMPORT, wire.ST_DEV_BUSY if status == sysfs.SDEV_ST_USED else wire.ST_NA)
         # The kernel takes the socket blocking, as usbipd hands it over.
         conn.setblocking(True)
@@ -224,7 +228,7 @@ class Exporter:
         try:
             sysfs.hand_over(busid, conn, self.root)
         except UsbipError as error:
-            self.refusals.refuse("hand-over failed", "cannot export %s to %s: %s" % (busid, peer, error))
+            self.refusals.refuse("hand-over failed", "cannot export %s to %s: %s" % (busid, peer, error), peer)
             return wire.pack_op_common(wire.OP_REP_IMPORT, wire.ST_NA)
         self.log("exported %s (%s) to %s (%s), domain %s" % (busid, export.get("id"), export.get("importer"), peer, export.get("domain")))
         # 320 bytes, the first this socket sends: they fit its send buffer (4 KiB at the least), so this never waits.
@@ -237,7 +241,7 @@ class Exporter:
         its device was bound last; it may come back at another."""
         export = self.watched(peer, busid)
         if export is None:
-            self.refusals.refuse("watch not exported", "refused the watch of %s by %s: not exported to it" % (busid, peer))
+            self.refusals.refuse("watch not exported", "refused the watch of %s by %s: not exported to it" % (busid, peer), peer)
             return wire.pack_op_common(wire.OP_REP_WATCH, wire.ST_NODEV)
         if self.available(export) is not None:
             return wire.pack_op_common(wire.OP_REP_WATCH)
@@ -276,7 +280,7 @@ class Exporter:
         its driver. False when nothing of the kind is exported to that peer."""
         export = self.for_peer(peer).get(busid)
         if export is None:
-            self.refusals.refuse("release not exported", "%s gave back %s, which is not exported to it" % (peer, busid))
+            self.refusals.refuse("release not exported", "%s gave back %s, which is not exported to it" % (peer, busid), peer)
             return False
         kept = dict(self.table, exports=[item for item in self.table["exports"] if not self._same_export(item, export)])
         try:
@@ -349,7 +353,7 @@ class Exporter:
         """One turn of the loop: wait for events (``longest`` seconds at most, less when a connection's deadline comes
         sooner) and handle them, answer the watches whose export is back, close the connections past their deadline,
         log the refusals not logged yet."""
-        for key, _events in self.selector.select(timeout=self.server.timeout(longest)):
+        for key, _mask in self.selector.select(timeout=self.server.timeout(longest)):
             key.data()
         self.answer_watches()
         self.server.expire()

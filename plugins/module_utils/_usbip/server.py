@@ -48,33 +48,42 @@ HOLD = "hold"
 class Refusals:
     """The exporter's refusals, logged one line per kind (``reason``) per interval: the first of a kind at once, the
     others of its interval counted and said in one line when the interval is over (``flush``). The kinds are fixed
-    strings of the code, never a peer's bytes or address, so what this holds is bounded."""
+    strings of the code, never a peer's bytes or address, so what this holds is bounded. ``said(reason, peer, line,
+    count)``, when given, is told each line logged (the exporter records it as an event): ``count`` refusals, the
+    last of them from ``peer``."""
 
-    def __init__(self, out, interval=REFUSAL_INTERVAL, clock=time.monotonic):
+    def __init__(self, out, interval=REFUSAL_INTERVAL, clock=time.monotonic, said=None):
         self.out = out
         self.interval = interval
         self.clock = clock
-        self.kinds = {}  # reason -> [start of its interval, refusals not logged, the last of them]
+        self.said = said
+        self.kinds = {}  # reason -> [start of its interval, refusals not logged, the last of them, its peer]
 
-    def refuse(self, reason, line):
+    def refuse(self, reason, line, peer=None):
         kind = self.kinds.get(reason)
         if kind is None:
-            self.kinds[reason] = [self.clock(), 0, None]
+            self.kinds[reason] = [self.clock(), 0, None, None]
             self.out(line)
+            if self.said is not None:
+                self.said(reason, peer, line, 1)
         else:
             kind[1] += 1
             kind[2] = line
+            kind[3] = peer
 
     def flush(self):
         """Log how many refusals of each kind went unlogged in an interval now over; a kind with none is forgotten,
         so that its next refusal is logged at once."""
         now = self.clock()
-        for reason, (start, unlogged, last) in list(self.kinds.items()):
+        for reason, (start, unlogged, last, peer) in list(self.kinds.items()):
             if now - start < self.interval:
                 continue
             if unlogged:
-                self.out("%d more refusal(s) of the kind '%s' in %d s, the last: %s" % (unlogged, reason, now - start, last))
-                self.kinds[reason] = [now, 0, None]
+                line = "%d more refusal(s) of the kind '%s' in %d s, the last: %s" % (unlogged, reason, now - start, last)
+                self.out(line)
+                if self.said is not None:
+                    self.said(reason, peer, line, unlogged)
+                self.kinds[reason] = [now, 0, None, None]
             else:
                 del self.kinds[reason]
 
@@ -177,7 +186,7 @@ class Server:
         elif self.per_peer.get(peer, 0) >= self.max_per_peer:
             refusal = ("too many connections from one address", "%d connections from it are open, the most one address may have" % self.max_per_peer)
         if refusal is not None:
-            self.refusals.refuse(refusal[0], "refused connection from %s: %s" % (peer, refusal[1]))
+            self.refusals.refuse(refusal[0], "refused connection from %s: %s" % (peer, refusal[1]), peer)
             sock.close()
             return
         sock.setblocking(False)
@@ -201,13 +210,15 @@ class Server:
             else:
                 self.write(connection)
         except RequestError as error:
-            self.refusals.refuse(error.reason, "refused a request from %s: %s" % (connection.peer, error))
+            self.refusals.refuse(error.reason, "refused a request from %s: %s" % (connection.peer, error), connection.peer)
             self.drop(connection)
         except OSError as error:
-            self.refusals.refuse("connection failed", "connection from %s failed: %s" % (connection.peer, error.strerror or error))
+            self.refusals.refuse("connection failed", "connection from %s failed: %s" % (connection.peer, error.strerror or error), connection.peer)
             self.drop(connection)
         except Exception as error:  # pylint: disable=broad-except  # a bug met by one peer's bytes must not end the others' service
-            self.refusals.refuse("exporter error", "closed the connection from %s on an error of the exporter: %r" % (connection.peer, error))
+            self.refusals.refuse(
+                "exporter error", "closed the connection from %s on an error of the exporter: %r" % (connection.peer, error), connection.peer
+            )
             self.drop(connection)
 
     def read(self, connection):
@@ -275,7 +286,7 @@ class Server:
         elif len([item for item in held if item.peer == connection.peer]) >= self.max_watches_per_peer:
             refusal = "%d watches from it are held, the most one address may have" % self.max_watches_per_peer
         if refusal is not None:
-            self.refusals.refuse("too many watches", "refused the watch of %s by %s: %s" % (connection.busid, connection.peer, refusal))
+            self.refusals.refuse("too many watches", "refused the watch of %s by %s: %s" % (connection.busid, connection.peer, refusal), connection.peer)
             self.send(connection, wire.pack_op_common(wire.OP_REP_WATCH, wire.ST_ERROR))
             return
         connection.held = True
@@ -322,7 +333,7 @@ class Server:
                 what = "%d of %d byte(s) of a request" % (len(connection.request), connection.size)
             else:
                 what = "a reply with %d byte(s) not taken" % len(connection.reply)
-            self.refusals.refuse("deadline", "closed the connection from %s after %g s with %s" % (connection.peer, self.deadline, what))
+            self.refusals.refuse("deadline", "closed the connection from %s after %g s with %s" % (connection.peer, self.deadline, what), connection.peer)
             self.drop(connection)
 
     def timeout(self, longest):
