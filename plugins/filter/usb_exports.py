@@ -96,6 +96,7 @@ from ansible_collections.kvmhost.usb.plugins.plugin_utils._inventory_hosts impor
     link_address,
     tunnel_address,
     tunnel_network,
+    unknown_hosts,
     usbip_address,
     variable,
 )
@@ -164,12 +165,7 @@ def _unknown_hosts(hostvars, host):
     """A sentence for each selector of ``host`` that names a host the inventory does not have."""
     unknown = []
     for domain, settings in sorted(_declared(hostvars, host).items()):
-        for selector in _selectors(settings):
-            if isinstance(selector, dict) and selector.get("host") and str(selector["host"]) not in hostvars:
-                unknown.append(
-                    "usb_passthrough.%s of %s: host %s is not in the inventory. A selector's host is the inventory name of the KVM"
-                    " host the device is plugged into." % (domain, host, selector["host"])
-                )
+        unknown.extend(unknown_hosts(hostvars, _selectors(settings), "usb_passthrough.%s of %s" % (domain, host)))
     return unknown
 
 
