@@ -173,6 +173,20 @@ def normalize_declaration(domains: dict) -> dict:
     return declaration
 
 
+def normalize_fleet(domains: dict) -> dict:
+    """``usb_fleet``: a declaration (``normalize_declaration``) keyed by domain alone, whose every selector names the
+    host its device is plugged into; the first bad entry fails, naming its domain."""
+    declaration = normalize_declaration(domains)
+    for name, settings in declaration.items():
+        for selector in settings["devices"]:
+            if not is_remote(selector):
+                raise PassthroughError(
+                    "Domain %s: selector (%s) names no host; in usb_fleet each device says the host it is plugged into (host: kvm1)"
+                    % (name, describe_selector(selector))
+                )
+    return declaration
+
+
 def normalize_exports(exports):
     """``[{"selector", "importer", "importer_address", "domain"}]`` from the module's list; the first bad entry fails."""
     if not isinstance(exports, list):
