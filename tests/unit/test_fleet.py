@@ -179,3 +179,105 @@ def test_usb_facts_domains_only_lists_the_domains_and_reads_no_usb_device(domain
     assert {"name": name, "state": "shutoff", "persistent": True} in full["ansible_facts"]["usb_domain_states"]
     unreachable = run_module("usb_facts", {"domains_only": True, "uri": "qemu+unix:///system?socket=/nonexistent"})
     assert unreachable["rc"] != 0 and unreachable["msg"].startswith("Cannot connect to libvirt at qemu+unix:///system?socket=/nonexistent")
+
+
+# The passthrough role, through ansible-playbook
+
+TABLET_ID = "0627:0001:42"
+# kvm2's libvirt: the test driver, with the domains a file of the test describes (running).
+NODE_XML = "<node>%s</node>"
+TEST_DOMAIN_XML = "<domain type='test'><name>%s</name><memory>65536</memory><os><type>hvm</type></os></domain>"
+
+
+def driver_uri(tmp_path, *names):
+    node = tmp_path / "kvm2-libvirt.xml"
+    node.write_text(NODE_XML % "".join(TEST_DOMAIN_XML % name for name in names))
+    return "test://%s" % node
+
+
+def converge(tmp_path, hosts, fleet, *options, env=None):
+    """The passthrough role on every host of ``hosts`` (name to host vars), with ``fleet`` as usb_fleet in the
+    inventory's group_vars/all.yml, under umockdev with the reference tree."""
+    (tmp_path / "group_vars").mkdir(exist_ok=True)
+    (tmp_path / "group_vars" / "all.yml").write_text(yaml.safe_dump({"usb_fleet": fleet}))
+    play = tmp_path / "play.yml"
+    play.write_text(yaml.safe_dump([{"name": "fleet", "hosts": "all", "gather_facts": False, "roles": ["kvmhost.usb.passthrough"]}]))
+    return modrun.run_playbook(tmp_path, hosts, play, *options, devices=REFERENCE, env=env)
+
+
+def reported(process, host):
+    """What the passthrough role's "Report what changed" printed for ``host``."""
+    block = process.stdout.split("TASK [kvmhost.usb.passthrough : Report what changed]", 1)[1]
+    body = block.split("ok: [%s] => " % host, 1)[1].split("\n}\n", 1)[0] + "\n}"
+    return yaml.safe_load(body)["msg"]
+
+
+def fatal_hosts(process):
+    return sorted(re.findall(r"^fatal: \[(\w+)\]", process.stdout, re.M))
+
+
+def test_role_converges_a_fleet_domain_on_the_host_it_is_defined_on_beside_a_per_host_domain(tmp_path, domains):
+    fleet_domain = domains.define("fleet-here")
+    own_domain = domains.define("fleet-own")
+    hosts = {
+        "kvm1": dict(CLEAR, usb_link_address="10.77.0.1", usb_passthrough={own_domain: {"devices": [TABLET_ID]}}),
+        "kvm2": dict(CLEAR, usb_link_address="10.77.0.2", usb_passthrough_uri=driver_uri(tmp_path, "kvmhost-usb-test-elsewhere")),
+    }
+    fleet = {fleet_domain: {"devices": [{"host": "kvm1", "id": KINGSTON_ID}, {"host": "kvm2", "id": TABLET_ID}], "controller": "qemu-xhci"}}
+    exports = tmp_path / "exports.json"
+    before = domains.snapshot()
+    checked = converge(tmp_path, hosts, fleet, "--check", env={"KVMHOST_USB_EXPORTS": str(exports)})
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    changes = reported(checked, "kvm1")
+    assert sorted(changes) == sorted([fleet_domain, own_domain])
+    # The Kingston stick of kvm1 is attached as a local device, the tablet of kvm2 imported first.
+    assert changes[fleet_domain][0] == "would import id=%s from kvm2 (10.77.0.2)" % TABLET_ID
+    assert '<vendor id="0x0951" /><product id="0x1666" />' in changes[fleet_domain][1]
+    assert changes[fleet_domain][-1] == "record the intent of %s (persistent): %s, %s" % (fleet_domain, KINGSTON_ID, TABLET_ID)
+    # The fleet domain's device on kvm2 is exported by kvm2, for kvm1, where the domain is.
+    assert reported(checked, "kvm2") == {"exports to other hosts": ["export %s to kvm1 (10.77.0.1) for %s" % (TABLET_ID, fleet_domain)]}
+    assert not exports.exists()
+    assert domains.snapshot() == before
+
+    # Its device on kvm1 alone: kvm1 attaches it as a local device (no host in the intent), and nothing is exported.
+    fleet[fleet_domain]["devices"] = [{"host": "kvm1", "id": KINGSTON_ID}]
+    done = converge(tmp_path, hosts, fleet, env={"KVMHOST_USB_EXPORTS": str(exports)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not exports.exists()
+    assert hostdevs(domains.inactive(fleet_domain)) == [hostdev("0951", "1666")]
+    assert 'host="' not in metadata(domains.inactive(fleet_domain))
+    assert hostdevs(domains.inactive(own_domain)) == [hostdev("0627", "0001")]
+    assert reported(done, "kvm2") == "Every declared domain holds its declared devices: nothing to change."
+    again = converge(tmp_path, hosts, fleet, env={"KVMHOST_USB_EXPORTS": str(exports)})
+    assert again.returncode == 0, again.stdout
+    assert [again.recap[host]["changed"] for host in ("kvm1", "kvm2")] == [0, 0], again.stdout
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["defined on two hosts", "declared twice", "not in the play"],
+)
+def test_role_refuses_a_fleet_that_contradicts_itself_on_every_host_before_anything_changes(tmp_path, domains, case):
+    name = domains.define("fleet-bad")
+    fleet = {name: {"devices": [{"host": "kvm1", "id": KINGSTON_ID}]}}
+    hosts = {"kvm1": dict(CLEAR), "kvm2": dict(CLEAR, usb_passthrough_uri=driver_uri(tmp_path, name))}
+    options = []
+    expected = ["kvm1", "kvm2"]
+    if case == "defined on two hosts":
+        message = "usb_fleet domain %s is defined on kvm1 (shutoff) and kvm2 (running)" % name
+    elif case == "declared twice":
+        hosts["kvm2"] = dict(CLEAR, usb_passthrough={name: {"devices": [TABLET_ID]}})
+        message = "Domain %s is declared in usb_fleet and in usb_passthrough of kvm2; declare it in one of them." % name
+    else:
+        # --limit kvm1 with the domain on kvm2 (the test driver's): kvm1 would drop the export of its Kingston stick.
+        hosts["kvm1"]["usb_passthrough_uri"] = driver_uri(tmp_path)
+        options = ["--limit", "kvm1"]
+        expected = ["kvm1"]
+        message = "usb_fleet domain %s is on none of the hosts of this play (looked at kvm1) and may be on kvm2, not in it: its devices on kvm1" % name
+    before = domains.snapshot()
+    process = converge(tmp_path, hosts, fleet, *options, env={"KVMHOST_USB_EXPORTS": str(tmp_path / "exports.json")})
+    assert process.returncode != 0
+    assert fatal_hosts(process) == expected, process.stdout + process.stderr
+    assert message in process.stdout, process.stdout
+    assert "TASK [kvmhost.usb.passthrough : Compute the USB devices this host exports" not in process.stdout
+    assert domains.snapshot() == before
