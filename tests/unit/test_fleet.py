@@ -8,6 +8,7 @@ Two real hosts, with a device imported across, are in tests/integration/test_cro
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -18,7 +19,6 @@ from tests.lib import modrun
 from tests.lib.domain_xml import hostdev, hostdevs, metadata
 from tests.lib.domains import URI
 from tests.lib.modrun import run_module
-from tests.lib.playbook import shown
 from tests.lib.trees import KINGSTON_ID, REFERENCE
 
 sys.path.insert(0, modrun.collection_root())
@@ -205,9 +205,9 @@ def converge(tmp_path, hosts, fleet, *options, env=None):
     return modrun.run_playbook(tmp_path, hosts, play, *options, devices=REFERENCE, env=env)
 
 
-def reported(process, host):
-    """What the passthrough role's "Report what changed" printed for ``host``."""
-    block = process.stdout.split("TASK [kvmhost.usb.passthrough : Report what changed]", 1)[1]
+def reported(process, host, task="kvmhost.usb.passthrough : Report what changed"):
+    """What a debug task printed for ``host``: by default the passthrough role's "Report what changed"."""
+    block = process.stdout.split("TASK [%s]" % task, 1)[1]
     body = block.split("ok: [%s] => " % host, 1)[1].split("\n}\n", 1)[0] + "\n}"
     return yaml.safe_load(body)["msg"]
 
@@ -280,4 +280,18 @@ def test_role_refuses_a_fleet_that_contradicts_itself_on_every_host_before_anyth
     assert fatal_hosts(process) == expected, process.stdout + process.stderr
     assert message in process.stdout, process.stdout
     assert "TASK [kvmhost.usb.passthrough : Compute the USB devices this host exports" not in process.stdout
+    assert domains.snapshot() == before
+
+
+def test_probe_compares_a_fleet_domain_with_the_host_it_is_defined_on(tmp_path, domains):
+    name = domains.define("fleet-probed")
+    hosts = {"kvm1": dict(CLEAR), "kvm2": dict(CLEAR, usb_passthrough_uri=driver_uri(tmp_path))}
+    (tmp_path / "group_vars").mkdir()
+    (tmp_path / "group_vars" / "all.yml").write_text(yaml.safe_dump({"usb_fleet": {name: {"devices": [{"host": "kvm1", "id": KINGSTON_ID}]}}}))
+    before = domains.snapshot()
+    probe = modrun.run_playbook(tmp_path, hosts, os.path.join(modrun.REPO, "playbooks", "probe.yml"), devices=REFERENCE)
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    drift = dict((host, reported(probe, host, "Show the probe")["drift"]) for host in ("kvm1", "kvm2"))
+    assert "%s: declares %s, held by nobody" % (name, KINGSTON_ID) in drift["kvm1"]
+    assert not [line for line in drift["kvm2"] if name in line]
     assert domains.snapshot() == before
