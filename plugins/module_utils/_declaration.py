@@ -22,6 +22,9 @@ A selector chooses a device by any of its device fields (all given must match): 
 ``address`` (``BBB:DDD``); ad hoc it may be a string (an id, ``vvvv:pppp``, ``BBB:DDD`` or a port). With ``host`` it
 chooses a device plugged into that other KVM host of the inventory, reached at ``link_address`` on USB/IP port
 ``link_port`` (both filled in from the inventory by the action plugins); its device fields apply there.
+
+``usb_fleet`` (group vars) has the same shape, keyed by domain alone wherever the domain is defined, and every
+selector in it names its ``host`` (``normalize_fleet``).
 """
 
 from __future__ import annotations
