@@ -17,7 +17,6 @@ import yaml
 
 from tests.lib import modrun
 from tests.lib.domain_xml import hostdev, hostdevs, metadata
-from tests.lib.domains import URI
 from tests.lib.modrun import run_module
 from tests.lib.trees import KINGSTON_ID, REFERENCE
 
@@ -101,7 +100,10 @@ def test_a_mixed_fleet_keeps_each_hosts_usb_passthrough():
     own = {"testvm": {"devices": ["0627:0001:42"]}}
     results = placed(hostvars_of(kvm2=dict(on("buildvm", "testvm"), usb_passthrough=own), kvm3={"usb_passthrough": {"other": {}}}))
     assert results["kvm2"]["errors"] == []
-    assert results["kvm2"]["declaration"] == {"testvm": own["testvm"], "buildvm": {"devices": [{"host": "kvm1", "id": KINGSTON_ID}, {"id": STICK_ID}], "exclusive": True}}
+    assert results["kvm2"]["declaration"] == {
+        "testvm": own["testvm"],
+        "buildvm": {"devices": [{"host": "kvm1", "id": KINGSTON_ID}, {"id": STICK_ID}], "exclusive": True},
+    }
     assert results["kvm3"]["declaration"] == {"other": {}}
     assert results["kvm1"]["declaration"] == {}
 
@@ -152,11 +154,13 @@ def test_with_limit_a_domain_not_in_the_play_is_left_alone_unless_its_devices_ar
     hostvars = hostvars_of(kvm3=on("buildvm"))
     # kvm3 alone: buildvm is on none of the hosts of the play, and none of its devices is plugged into kvm3.
     alone = usb_fleet(hostvars, "kvm3", sorted(hostvars), ["kvm3"])
-    assert (alone["errors"], alone["declaration"]) == ([], {"buildvm": {"devices": [{"host": "kvm1", "id": KINGSTON_ID}, {"host": "kvm2", "id": STICK_ID}], "exclusive": True}})
+    assert (alone["errors"], alone["declaration"]) == ([], FLEET)
     hostvars["kvm3"]["ansible_facts"] = on()["ansible_facts"]
     left = usb_fleet(hostvars, "kvm3", sorted(hostvars), ["kvm3"])
     assert left["errors"] == [] and left["declaration"] == {}
-    assert left["unplaced"] == ["usb_fleet domain buildvm is on none of the hosts of this play (looked at kvm3) and may be on kvm1 and kvm2, not in it; left alone."]
+    assert left["unplaced"] == [
+        "usb_fleet domain buildvm is on none of the hosts of this play (looked at kvm3) and may be on kvm1 and kvm2, not in it; left alone."
+    ]
     # kvm1 alone: buildvm may be on kvm2 or kvm3, and kvm1 would take the export of its stick away.
     hostvars = hostvars_of(kvm3=on("buildvm"))
     refused = usb_fleet(hostvars, "kvm1", sorted(hostvars), ["kvm1"])
