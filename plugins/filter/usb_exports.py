@@ -11,6 +11,8 @@ description:
   - Reads C(usb_passthrough) of every other host of the inventory and returns the devices they declare with
     C(host) naming this host, one export each, as M(kvmhost.usb.usb_export) takes them. The declared state of the
     fleet stays one inventory; the R(kvmhost.usb.passthrough,ansible_collections.kvmhost.usb.passthrough_role) role calls it.
+  - Where the role has set C(usb_passthrough_declared) (the host's C(usb_passthrough) with the domains of C(usb_fleet)
+    defined on it, from the filter M(kvmhost.usb.usb_fleet)), reads that instead.
   - An importer's address is its C(usb_link_address), else its C(ansible_host), else its inventory name.
   - Fails when a host's C(usb_passthrough) is malformed, with the message the modules give.
   - Also returns the conflicts of the whole declaration, each a sentence naming the hosts and domains involved
@@ -96,17 +98,23 @@ from ansible_collections.kvmhost.usb.plugins.plugin_utils._inventory_hosts impor
     link_address,
     tunnel_address,
     tunnel_network,
+    unknown_hosts,
     usbip_address,
     variable,
 )
 
 
 def _declared(hostvars, host):
-    """The host's usb_passthrough as it is written, once its shape is checked (``_declaration``, as the modules check it)."""
+    """The host's declared state as it is written, once its shape is checked (``_declaration``, as the modules check it):
+    usb_passthrough_declared where the passthrough role set it (usb_passthrough with the domains of usb_fleet defined
+    on the host), else usb_passthrough (a host outside the play)."""
     try:
-        declared = hostvars[host].get("usb_passthrough") or {}
+        variables = hostvars[host]
     except KeyError:
         return {}
+    declared = variables.get("usb_passthrough_declared")
+    if declared is None:
+        declared = variables.get("usb_passthrough") or {}
     try:
         _declaration.normalize_declaration(declared)
     except PassthroughError as error:
@@ -164,12 +172,7 @@ def _unknown_hosts(hostvars, host):
     """A sentence for each selector of ``host`` that names a host the inventory does not have."""
     unknown = []
     for domain, settings in sorted(_declared(hostvars, host).items()):
-        for selector in _selectors(settings):
-            if isinstance(selector, dict) and selector.get("host") and str(selector["host"]) not in hostvars:
-                unknown.append(
-                    "usb_passthrough.%s of %s: host %s is not in the inventory. A selector's host is the inventory name of the KVM"
-                    " host the device is plugged into." % (domain, host, selector["host"])
-                )
+        unknown.extend(unknown_hosts(hostvars, _selectors(settings), "usb_passthrough.%s of %s" % (domain, host)))
     return unknown
 
 

@@ -22,6 +22,9 @@ A selector chooses a device by any of its device fields (all given must match): 
 ``address`` (``BBB:DDD``); ad hoc it may be a string (an id, ``vvvv:pppp``, ``BBB:DDD`` or a port). With ``host`` it
 chooses a device plugged into that other KVM host of the inventory, reached at ``link_address`` on USB/IP port
 ``link_port`` (both filled in from the inventory by the action plugins); its device fields apply there.
+
+``usb_fleet`` (group vars) has the same shape, keyed by domain alone wherever the domain is defined, and every
+selector in it names its ``host`` (``normalize_fleet``).
 """
 
 from __future__ import annotations
@@ -170,6 +173,20 @@ def normalize_declaration(domains: dict) -> dict:
         except SelectorError as error:
             raise PassthroughError("Domain %s: %s" % (name, error))
         declaration[str(name)] = dict([(key, bool(settings.get(key))) for key in FLAGS], devices=selectors)
+    return declaration
+
+
+def normalize_fleet(domains: dict) -> dict:
+    """``usb_fleet``: a declaration (``normalize_declaration``) keyed by domain alone, whose every selector names the
+    host its device is plugged into; the first bad entry fails, naming its domain."""
+    declaration = normalize_declaration(domains)
+    for name, settings in declaration.items():
+        for selector in settings["devices"]:
+            if not is_remote(selector):
+                raise PassthroughError(
+                    "Domain %s: selector (%s) names no host; in usb_fleet each device says the host it is plugged into (host: kvm1)"
+                    % (name, describe_selector(selector))
+                )
     return declaration
 
 

@@ -68,6 +68,16 @@ options:
     description:
       - Only list the device at this port path, for example C(2-1.4).
     type: str
+  domains_only:
+    description:
+      - Return RV(ansible_facts.usb_domain_states) alone, from one listing of the libvirt domains, reading no USB
+        device and no domain XML (pyudev is not needed). Where the domains are defined and running, as the
+        R(kvmhost.usb.passthrough,ansible_collections.kvmhost.usb.passthrough_role) role asks it to place the
+        domains of C(usb_fleet).
+      - Unlike the full read, libvirt out of reach fails the module.
+    type: bool
+    default: false
+    version_added: 0.2.0
 """
 
 EXAMPLES = r"""
@@ -78,6 +88,10 @@ EXAMPLES = r"""
   ansible.builtin.debug:
     msg: "{{ item.id }} {{ item.vendor_device_id }} {{ item.address }} {{ item.model }} {{ item.attached_to.live | join(',') }}"
   loop: "{{ ansible_facts.usb_devices }}"
+
+- name: Where the domains are, alone (no USB device read)
+  kvmhost.usb.usb_facts:
+    domains_only: true
 
 - name: Find the Kingston sticks only
   kvmhost.usb.usb_facts:
@@ -259,6 +273,16 @@ ansible_facts:
         persistent:
           description: The persistent configuration, like RV(ansible_facts.usb_domains[].live); null for a transient domain.
           type: dict
+    usb_domain_states:
+      description:
+        - Each libvirt domain of the host with its C(name), its C(state) (C(running), C(paused), C(shutoff), ...)
+          and whether it is C(persistent) (defined; false for a transient domain, such as one migrated in
+          without C(--persistent)).
+        - Empty when libvirt cannot be reached (without O(domains_only)).
+      returned: always
+      type: list
+      elements: dict
+      version_added: 0.2.0
     passthrough_enabled:
       description: >-
         The host agent's setting read back: true for C(disable_usb: false), false when USB passthrough is
@@ -269,7 +293,8 @@ ansible_facts:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration, _facts, _hostconf, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration, _facts, _hostconf, _module, _usb
+from ansible_collections.kvmhost.usb.plugins.module_utils._errors import LibvirtError
 
 
 def main():
@@ -282,9 +307,17 @@ def main():
             product_id=dict(type="str"),
             serial=dict(type="str"),
             port=dict(type="str"),
+            domains_only=dict(type="bool", default=False),
         ),
         supports_check_mode=True,
     )
+    if module.params["domains_only"]:
+        _module.require_libraries(module, pyudev=False)
+        try:
+            states = _facts.domain_states(module.params["uri"])
+        except LibvirtError as error:
+            module.fail_json(msg=str(error))
+        module.exit_json(changed=False, ansible_facts=dict(usb_domain_states=states))
     if _usb.pyudev is None:
         module.fail_json(msg=missing_required_lib(_usb.PYUDEV_REQUIREMENT), exception=_usb.PYUDEV_IMPORT_ERROR)
 
@@ -303,6 +336,7 @@ def main():
             usb_devices=host["devices"],
             usb_topology=host["topology"],
             usb_domains=host["domains"],
+            usb_domain_states=host["domain_states"],
             passthrough_enabled=_hostconf.passthrough_enabled(module.params["host_conf"]),
         ),
     )

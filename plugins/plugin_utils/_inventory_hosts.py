@@ -63,18 +63,37 @@ def usbip_address(hostvars: Any, host: str) -> str:
     return tunnel_address(hostvars, host) if encryption(hostvars, host) == "wireguard" else link_address(hostvars, host)
 
 
+def unknown_host(where: str, host: Any) -> str:
+    """The sentence for a selector, in ``where``, naming a host the inventory does not have."""
+    return "%s: host %s is not in the inventory. A selector's host is the inventory name of the KVM host the device is plugged into." % (where, host)
+
+
+def unknown_hosts(hostvars: Any, selectors: Any, where: str) -> list:
+    """A sentence for each of ``selectors`` that names a host the inventory does not have."""
+    return [
+        unknown_host(where, selector["host"])
+        for selector in selectors or []
+        if isinstance(selector, dict) and selector.get("host") and str(selector["host"]) not in hostvars
+    ]
+
+
+def local_selector(selector: Any, current: str) -> Any:
+    """The selector as the host ``current`` declares it: a selector whose ``host`` names ``current`` is local (its
+    remote fields dropped); any other as it is."""
+    if isinstance(selector, dict) and selector.get("host") and str(selector["host"]) == current:
+        return dict((key, value) for key, value in selector.items() if key not in REMOTE_FIELDS)
+    return selector
+
+
 def resolve_selector(selector: Any, hostvars: Any, current: str, where: str) -> Any:
-    """The selector with ``link_address`` filled in from the inventory; a string or a selector without ``host``
-    as it is. Fails for a host the inventory does not have."""
+    """The selector with ``link_address`` filled in from the inventory; a string, a selector without ``host`` or
+    naming ``current`` as ``local_selector`` makes it. Fails for a host the inventory does not have."""
+    selector = local_selector(selector, current)
     if not isinstance(selector, dict) or not selector.get("host"):
         return selector
     host = str(selector["host"])
-    if host == current:
-        return dict((key, value) for key, value in selector.items() if key not in REMOTE_FIELDS)
     if host not in hostvars:
-        raise AnsibleActionFail(
-            "%s: host %s is not in the inventory. A selector's host is the inventory name of the KVM host the device is plugged into." % (where, host)
-        )
+        raise AnsibleActionFail(unknown_host(where, host))
     resolved = dict(selector)
     if not resolved.get("link_address"):
         try:
