@@ -11,8 +11,8 @@ description:
   - Reads C(usb_passthrough) of every other host of the inventory and returns the devices they declare with
     C(host) naming this host, one export each, as M(kvmhost.usb.usb_export) takes them. The declared state of the
     fleet stays one inventory; the R(kvmhost.usb.passthrough,ansible_collections.kvmhost.usb.passthrough_role) role calls it.
-  - Where the role has set C(usb_passthrough_declared) (the host's C(usb_passthrough) with the domains of C(usb_fleet)
-    defined on it, from the filter M(kvmhost.usb.usb_fleet)), reads that instead.
+  - With O(reached), places the domains of C(usb_fleet) first, as the filter M(kvmhost.usb.usb_fleet) does, and reads
+    each host's C(usb_passthrough) with the domains of C(usb_fleet) defined on it; the placing's errors are conflicts.
   - An importer's address is its C(usb_link_address), else its C(ansible_host), else its inventory name.
   - Fails when a host's C(usb_passthrough) is malformed, with the message the modules give.
   - Also returns the conflicts of the whole declaration, each a sentence naming the hosts and domains involved
@@ -34,6 +34,13 @@ options:
     type: list
     elements: str
     required: true
+  reached:
+    description:
+      - The hosts that listed their domains in this run (M(kvmhost.usb.usb_facts) with C(domains_only)),
+        C(ansible_play_batch); only their C(usb_domain_states) is believed. Unset, C(usb_fleet) is not read.
+    type: list
+    elements: str
+    version_added: 0.2.0
 """
 
 EXAMPLES = r"""
@@ -47,6 +54,15 @@ _value:
   description: The exports and the conflicts.
   type: dict
   contains:
+    declaration:
+      description: The declared state of O(host), its C(usb_passthrough) with the domains of C(usb_fleet) placed on it.
+      type: dict
+      version_added: 0.2.0
+    unplaced:
+      description: The domains of C(usb_fleet) left alone (on no host of O(reached)), one sentence each.
+      type: list
+      elements: str
+      version_added: 0.2.0
     exports:
       description: >-
         One per declared device: the selector's device fields as the importer declared them (C(id), C(vendor_id), ...)
@@ -92,6 +108,7 @@ from ansible.errors import AnsibleFilterError
 
 from ansible_collections.kvmhost.usb.plugins.module_utils import _declaration, _link
 from ansible_collections.kvmhost.usb.plugins.module_utils._errors import LinkError, PassthroughError, SelectorError
+from ansible_collections.kvmhost.usb.plugins.plugin_utils import _fleet
 from ansible_collections.kvmhost.usb.plugins.plugin_utils._inventory_hosts import (
     ENCRYPTIONS,
     encryption,
@@ -104,15 +121,28 @@ from ansible_collections.kvmhost.usb.plugins.plugin_utils._inventory_hosts impor
 )
 
 
+class _Placed:
+    """``hostvars`` with each host's declared state placed: its usb_passthrough with the domains of usb_fleet on it."""
+
+    def __init__(self, hostvars, declarations):
+        self.hostvars = hostvars
+        self.declarations = declarations
+
+    def __getitem__(self, host):
+        return self.hostvars[host]
+
+    def __contains__(self, host):
+        return host in self.hostvars
+
+
 def _declared(hostvars, host):
-    """The host's declared state as it is written, once its shape is checked (``_declaration``, as the modules check it):
-    usb_passthrough_declared where the passthrough role set it (usb_passthrough with the domains of usb_fleet defined
-    on the host), else usb_passthrough (a host outside the play)."""
+    """The host's declared state, once its shape is checked (``_declaration``, as the modules check it): placed with
+    usb_fleet when the role passed the hosts of the play, else usb_passthrough as it is written."""
     try:
         variables = hostvars[host]
     except KeyError:
         return {}
-    declared = variables.get("usb_passthrough_declared")
+    declared = hostvars.declarations.get(host) if isinstance(hostvars, _Placed) else None
     if declared is None:
         declared = variables.get("usb_passthrough") or {}
     try:
@@ -298,12 +328,17 @@ def _wireguard_link(hostvars, host, peers):
     }
 
 
-def usb_exports(hostvars, host, hosts):
+def usb_exports(hostvars, host, hosts, reached=None):
     """The exports of ``host``, and the conflicts of every host of ``hosts``: a declaration that contradicts itself
     anywhere in the fleet stops every host before anything changes, not only the exporting one. Also where ``host`` is
     reached (its exporter listens there) and the addresses of the hosts it imports from, resolved as the action plugins
-    resolve them."""
+    resolve them. With ``reached`` (the hosts of the play), the domains of usb_fleet are placed first (``_fleet``)."""
+    placement = {"placed": {}, "errors": [], "unplaced": []}
+    if reached is not None:
+        placement = _fleet.place(hostvars, hosts, reached)
+        hostvars = _Placed(hostvars, dict((other, _fleet.declaration(hostvars, other, placement)) for other in hosts))
     exports, conflicts = _exports_of(hostvars, host, hosts)
+    conflicts = placement["errors"] + conflicts
     for other in hosts:
         if other != host:
             conflicts.extend(_exports_of(hostvars, other, hosts)[1])
@@ -312,6 +347,8 @@ def usb_exports(hostvars, host, hosts):
     conflicts.extend(_link_conflicts(hostvars, pairs))
     peers = _peers(hostvars, host, pairs)
     return {
+        "declaration": _declared(hostvars, host),
+        "unplaced": placement["unplaced"],
         "exports": exports,
         "conflicts": conflicts,
         "link_address": link_address(hostvars, host),

@@ -75,23 +75,25 @@ def test_a_stopped_or_transient_domain_is_placed_where_it_is_listed():
 
 def test_usb_exports_sees_the_fleet_domain_on_the_host_it_is_defined_on():
     hostvars = hostvars_of(kvm3=on("buildvm"))
-    for host, result in placed(hostvars).items():
-        hostvars[host]["usb_passthrough_declared"] = result["declaration"]
-    kvm1 = usb_exports(hostvars, "kvm1", sorted(hostvars))
+    hosts = sorted(hostvars)
+    kvm1 = usb_exports(hostvars, "kvm1", hosts, hosts)
     assert kvm1["conflicts"] == []
     assert kvm1["exports"] == [{"id": KINGSTON_ID, "importer": "kvm3", "importer_address": "10.77.0.3", "domain": "buildvm"}]
-    assert usb_exports(hostvars, "kvm2", sorted(hostvars))["exports"] == [
+    assert usb_exports(hostvars, "kvm2", hosts, hosts)["exports"] == [
         {"id": STICK_ID, "importer": "kvm3", "importer_address": "10.77.0.3", "domain": "buildvm"}
     ]
-    assert usb_exports(hostvars, "kvm3", sorted(hostvars))["import_addresses"] == ["10.77.0.1", "10.77.0.2"]
+    kvm3 = usb_exports(hostvars, "kvm3", hosts, hosts)
+    assert kvm3["import_addresses"] == ["10.77.0.1", "10.77.0.2"]
+    assert kvm3["declaration"] == placed(hostvars)["kvm3"]["declaration"]
+    # Without the hosts of the play, usb_fleet is not read.
+    assert usb_exports(hostvars, "kvm1", hosts)["exports"] == []
 
 
 def test_a_fleet_device_on_the_host_the_domain_is_defined_on_is_not_exported():
     hostvars = hostvars_of(kvm1=on("buildvm"))
-    for host, result in placed(hostvars).items():
-        hostvars[host]["usb_passthrough_declared"] = result["declaration"]
-    assert usb_exports(hostvars, "kvm1", sorted(hostvars))["exports"] == []
-    assert usb_exports(hostvars, "kvm2", sorted(hostvars))["exports"] == [
+    hosts = sorted(hostvars)
+    assert usb_exports(hostvars, "kvm1", hosts, hosts)["exports"] == []
+    assert usb_exports(hostvars, "kvm2", hosts, hosts)["exports"] == [
         {"id": STICK_ID, "importer": "kvm1", "importer_address": "10.77.0.1", "domain": "buildvm"}
     ]
 
