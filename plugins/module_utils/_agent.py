@@ -156,19 +156,18 @@ def reconcile(conn, uri="qemu:///system", check_mode=False, importer=None, repor
     planner.by = "agent"
     lines = []
     with _lock.maybe_lock(check_mode):
-        planner.enumerate()
+        # The domains first: what they import from other hosts is imported before the devices are read, once.
+        planner.model = _host.HostModel([], [])
         planner.load_domains()
+        domains = planner.model.domains
         # With no remote entry left, an importer that held or failed imports forgets them (and its watches end).
         if _crosshost.remote_entries(planner.model) or (importer is not None and (importer.records or importer.pending)):
             importer = importer if importer is not None else _crosshost.Imports(check_mode, IMPORT_TIMEOUT)
             planner.imports = importer
-            imported_lines, imported = importer.keep(planner.model)
+            imported_lines, _imported = importer.keep(planner.model)
             lines.extend(imported_lines)
-            if imported:
-                # The import changed the devices only: the domains read above stand.
-                domains = planner.model.domains
-                planner.enumerate()
-                planner.model.domains = domains
+        planner.enumerate()
+        planner.model.domains = domains
         if report is not None:
             report.model = planner.model
         for domain in planner.model.domains:
@@ -658,6 +657,7 @@ class Agent:
         self.close_watch(key)
         if back:
             self.log("%s is back on %s; importing it again" % (item["id"], item["source"]))
+            self.importer.back.add(key)
             self.pass_(skip=(key,))
         elif back is False and self.clock() - watch.opened >= WATCH_HELD_LEAST:
             self.watch_away()

@@ -152,13 +152,14 @@ class Imports:
         # there (``keep``): selector key -> {id, source, link_address, port, busid}.
         self.away = {}
         self.busids = {}  # selector key -> the bus id of its device on the exporting host, the last one known
+        self.back = set()  # the keys whose exporter said the device is back (a watch's answer), until the next pass
 
     @property
     def pending(self) -> bool:
         """Whether an import of the agent's failed, so that its next pass should come sooner."""
         return bool(self.failing)
 
-    def _import(self, selector: dict, device_selector: dict) -> dict:
+    def _import(self, selector: dict, device_selector: dict, busid: str | None = None) -> dict:
         return importer.ensure_import(
             selector.get("host"),
             selector["link_address"],
@@ -166,6 +167,7 @@ class Imports:
             timeout=self.timeout,
             port=port_of(selector.get("link_port")),
             directory=imports_dir(),
+            busid=busid,
         )
 
     def prepare(self, selectors: list[tuple[str | None, dict]]) -> None:
@@ -217,7 +219,9 @@ class Imports:
                 continue
             if record is None:
                 try:
-                    record = self._import(selector, dict(entry.get("selector") or {}) or {"id": entry["id"]})
+                    # A device its exporter just said is back is asked for where it was (no device list first).
+                    busid = self.busids.get(key) if key in self.back else None
+                    record = self._import(selector, dict(entry.get("selector") or {}) or {"id": entry["id"]}, busid)
                 except UsbipError as error:
                     message = "cannot import %s from %s for %s: %s; retrying" % (entry["id"], source(entry), domain.name, error)
                     if self.failing.get(key) != message:
@@ -236,6 +240,7 @@ class Imports:
         for kept in (self.failing, self.away, self.busids):
             for key in [key for key in kept if key not in found]:
                 del kept[key]
+        self.back.clear()
         return lines, imported
 
     def _note_away(self, key: tuple, entry: dict, selector: dict, error: UsbipError) -> None:

@@ -324,6 +324,8 @@ def test_exports_are_computed_from_every_host_of_the_inventory(tmp_path):
     process = run_playbook(tmp_path, hosts, [task, registered("exported")])
     assert process.returncode == 0, process.stdout + process.stderr
     assert shown_var(process, "exported") == {
+        "declaration": {},
+        "unplaced": [],
         "exports": [
             {"id": KINGSTON_ID, "importer": "kvm2", "importer_address": "10.77.0.2", "domain": "buildvm"},
             {"vendor_id": "0627", "product_id": "0001", "importer": "kvm3", "importer_address": "127.0.0.3", "domain": "testvm"},

@@ -170,16 +170,27 @@ def _source(host, link_address, port):
     return source
 
 
-def ensure_import(host, link_address, selector, timeout=30.0, port=USBIP_PORT, vhci=VHCI, directory=None):
+def ensure_import(host, link_address, selector, timeout=30.0, port=USBIP_PORT, vhci=VHCI, directory=None, busid=None):
     """Import the device a selector means from ``host`` at ``link_address`` unless this host holds it already, and
     wait until it is a local USB device; the import record. UsbipError with a clear message otherwise, UnavailableError
-    when the exporter answered but has the device away (not offered, or refused as in use or not available)."""
+    when the exporter answered but has the device away (not offered, or refused as in use or not available).
+
+    ``busid``, where the exporter had the device last (the agent knows it), is asked for first, without the device
+    list: a replug on the exporting host mostly brings the device back at its port. Anything else goes the long way."""
     where = _where(host, link_address, port)
     source = _source(host, link_address, port)
     standing = [record for record in imports(vhci, directory) if same_source(record, source)]
     record = find_import(standing, dict(selector, **source))
     if record is not None:
         return record
+    deadline = time.monotonic() + timeout
+    if busid is not None and busid not in set(record["busid"] for record in standing) and not selector.get("address"):
+        try:
+            record = _import_busid(host, link_address, selector, busid, port, deadline, vhci, directory)
+        except UsbipError:
+            record = None
+        if record is not None:
+            return record
     offered = wire.remote_devices(link_address, port, timeout=min(timeout, 5.0))
     held = set(record["busid"] for record in standing)
     candidates = [device for device in offered if wire.offered_matches(selector, device) and device["busid"] not in held]
@@ -189,32 +200,42 @@ def ensure_import(host, link_address, selector, timeout=30.0, port=USBIP_PORT, v
             "%s offers this host no device matching (%s): not plugged in there, or not exported to this host; it offers: %s"
             % (where, _declaration.describe_selector(selector) or "any device", listed)
         )
-    deadline = time.monotonic() + timeout
     for device in candidates:
-        vhci_port = import_device(
-            link_address, device["busid"], port, host=host, device_id=selector.get("id"), timeout=min(timeout, 5.0), vhci=vhci, directory=directory
-        )
-        local = _wait_local(vhci_port, deadline, vhci)
-        if local is None:
-            _forget_record(vhci_port, directory)
-            raise UsbipError("%s: the import of %s ended at once (vhci port %d went free)" % (where, device["busid"], vhci_port))
-        if wire.serial_matches(selector, local):
-            record = {
-                "vhci_port": vhci_port,
-                "host": host,
-                "link_address": link_address,
-                "port": port,
-                "busid": device["busid"],
-                "id": selector.get("id") or _usb.id_of(local["vendor_id"], local["product_id"], local.get("serial"), local["busid"]),
-                "vendor_id": local["vendor_id"],
-                "product_id": local["product_id"],
-            }
-            _write_record(record, directory)
-            return dict(record, local_port=local["busid"])
-        detach_import(vhci_port, vhci, directory)
+        record = _import_busid(host, link_address, selector, device["busid"], port, deadline, vhci, directory)
+        if record is not None:
+            return record
     raise UsbipError(
         "%s exports %s, but none with serial %s" % (where, ", ".join(device["busid"] for device in candidates), _usb.wanted_fields(selector).get("serial"))
     )
+
+
+def _import_busid(host, link_address, selector, busid, port, deadline, vhci=VHCI, directory=None):
+    """Import ``busid`` and wait for its local device: the import record when it is the device ``selector`` means, else
+    None (the import released again)."""
+    vhci_port = import_device(
+        link_address, busid, port, host=host, device_id=selector.get("id"), timeout=min(deadline - time.monotonic(), 5.0), vhci=vhci, directory=directory
+    )
+    local = _wait_local(vhci_port, deadline, vhci)
+    if local is None:
+        _forget_record(vhci_port, directory)
+        raise UsbipError("%s: the import of %s ended at once (vhci port %d went free)" % (_where(host, link_address, port), busid, vhci_port))
+    # The device as the exporter offers it, but with the vendor, product and serial its own descriptors gave here.
+    offered = {"vendor_id": local["vendor_id"], "product_id": local["product_id"], "port": busid}
+    if not (_usb.fields_match(selector, offered, ("vendor_id", "product_id", "port")) and wire.serial_matches(selector, local)):
+        detach_import(vhci_port, vhci, directory)
+        return None
+    record = {
+        "vhci_port": vhci_port,
+        "host": host,
+        "link_address": link_address,
+        "port": port,
+        "busid": busid,
+        "id": selector.get("id") or _usb.id_of(local["vendor_id"], local["product_id"], local.get("serial"), local["busid"]),
+        "vendor_id": local["vendor_id"],
+        "product_id": local["product_id"],
+    }
+    _write_record(record, directory)
+    return dict(record, local_port=local["busid"])
 
 
 def release_import(host, link_address, selector, port=USBIP_PORT, vhci=VHCI, directory=None, give_back=False):
