@@ -8,8 +8,8 @@ longer exported, and listens on the host's link address only. An export unplugge
 list, so that usbip-host takes the device the moment it is plugged back in there, before the host's own driver probes
 it (usb-storage would scan the stick first); the port is let go when the export goes or another device comes to it.
 
-A peer is answered only with the exports declared for its address; a connection from any other address is closed at once. An accepted import hands the socket to the kernel
-(``usbip_sockfd``), as usbipd does, and only for a request the server (``server.py``) read whole and valid, of a bus id
+A peer is answered only with the exports declared for its address; a connection from any other address is closed at
+once. An accepted import hands the socket to the kernel (``usbip_sockfd``), as usbipd does, and only for a request the server (``server.py``) read whole and valid, of a bus id
 exported to that peer. A peer that lost an import may watch for it (the collection's OP_REQ_WATCH, with the bus id the
 device was at): the exporter tells it the moment the export is back, bound to usbip-host and free for an import again.
 
