@@ -358,3 +358,36 @@ def test_ansible_rulebook_runs_the_source_and_a_rule_fires(hosts, tmp_path):
     assert process.returncode == 0, output
     assert "plugged 0529:0001:1A2B3C into kvm1 (seq 2)" in output
     assert "plugged 0951:1666" not in output
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="ansible-rulebook needs a JDK (Debian: openjdk-17-jre-headless)")
+def test_the_example_rulebook_pages_once_an_hour_per_missing_device(hosts, tmp_path):
+    """extensions/eda/rulebooks/page_on_missing.yml as shipped, its source's inventory from USB_INVENTORY."""
+    pytest.importorskip("ansible_rulebook")
+    hosts.script(
+        kvm1_example={"events": {"stdout": json.dumps(event(4)) + "\n"}, "sessions": [{"lines": [
+            event(5, "missing", device=DONGLE, domain="buildvm"),
+            event(6, "missing", device=DONGLE, domain="buildvm"),
+            event(7, "missing", device=STICK, domain="testvm"),
+        ], "hang": True}]},
+    )
+    venv = os.path.dirname(sys.executable)
+    env = dict(os.environ, PATH=os.pathsep.join([hosts.path, venv]), ANSIBLE_COLLECTIONS_PATH=collection_root(), USB_INVENTORY=hosts.inventory,
+               PYTHONUNBUFFERED="1")
+    command = [os.path.join(venv, "ansible-rulebook"), "--rulebook", "kvmhost.usb.page_on_missing", "--inventory", hosts.inventory,
+               "--env-vars", "USB_INVENTORY"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(tmp_path))
+    lines = []
+    try:
+        deadline = time.monotonic() + 90
+        for line in process.stdout:
+            lines.append(line)
+            if "0951:1666:E0D55E" in line or time.monotonic() > deadline:
+                break
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    pages = [line for line in "".join(lines).replace("\n", " ").split("PAGE: ")[1:]]
+    assert len(pages) == 2, "".join(lines)
+    assert pages[0].startswith("kvm1: USB device 0529:0001:1A2B3C (HASP, port 1-2) declared for domain buildvm is missing"), pages[0]
+    assert pages[1].startswith("kvm1: USB device 0951:1666:E0D55E (DataTraveler, port 2-1.4) declared for domain testvm is missing"), pages[1]
