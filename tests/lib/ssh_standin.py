@@ -57,7 +57,10 @@ def main(argv):
         sys.stdout.flush()
         time.sleep(session.get("pause", 0))
     if session.get("hang"):
-        time.sleep(120)
+        # Until it is ended, or its parent is gone (a real ssh would notice at its next write), two minutes at most.
+        parent, deadline = os.getppid(), time.monotonic() + 120
+        while os.getppid() == parent and time.monotonic() < deadline:
+            time.sleep(0.2)
     sys.stderr.write(session.get("stderr", ""))
     return session.get("rc", 255)
 
