@@ -67,7 +67,8 @@ class Hosts:
         (root / "group_vars").mkdir(parents=True)
         (root / "host_vars").mkdir()
         (root / "hosts.yml").write_text(INVENTORY)
-        (root / "group_vars" / "kvm.yml").write_text("ansible_user: admin\nansible_ssh_common_args: \"-o StrictHostKeyChecking=no -o 'ProxyCommand=nc -x proxy %h %p'\"\n")
+        common_args = "-o StrictHostKeyChecking=no -o 'ProxyCommand=nc -x proxy %h %p'"
+        (root / "group_vars" / "kvm.yml").write_text('ansible_user: admin\nansible_ssh_common_args: "%s"\n' % common_args)
         (root / "host_vars" / "kvm2.yml").write_text("ansible_host: 192.0.2.12\nansible_port: 2202\nansible_ssh_private_key_file: ~/.ssh/kvm2\n")
         self.inventory = str(root)
         self.script()
@@ -389,7 +390,7 @@ def test_the_example_rulebook_pages_once_an_hour_per_missing_device(hosts, tmp_p
         # ends by itself when its parent is gone (a real ssh would at its next write).
         process.terminate()
         process.wait(timeout=30)
-    pages = [line for line in "".join(lines).replace("\n", " ").split("PAGE: ")[1:]]
+    pages = "".join(lines).replace("\n", " ").split("PAGE: ")[1:]
     assert len(pages) == 2, "".join(lines)
     assert pages[0].startswith("kvm1: USB device 0529:0001:1A2B3C (HASP, port 1-2) declared for domain buildvm is missing"), pages[0]
     assert pages[1].startswith("kvm1: USB device 0951:1666:E0D55E (DataTraveler, port 2-1.4) declared for domain testvm is missing"), pages[1]

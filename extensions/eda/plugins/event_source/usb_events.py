@@ -445,8 +445,8 @@ if __name__ == "__main__":
     class MockQueue(asyncio.Queue):
         """A queue that prints what is put on it."""
 
-        async def put(self, event: dict) -> None:
-            print(json.dumps(event))  # noqa: T201
+        async def put(self, item: dict) -> None:
+            print(json.dumps(item))  # noqa: T201
 
     logging.basicConfig(level=logging.INFO)
     asyncio.run(main(MockQueue(), {"inventory": sys.argv[1], "limit": sys.argv[2] if len(sys.argv) > 2 else "all"}))
