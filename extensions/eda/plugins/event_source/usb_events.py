@@ -149,8 +149,9 @@ EXAMPLES = r"""
 
 KINDS = ("added", "removed", "attached", "detached", "missing", "given_back", "refused", "link_down", "link_up", "migrated")
 RUNTIME = "kvmhost-usb"
-# What a shell answers for a command it cannot find.
+# What a shell answers for a command it cannot find; what ssh answers for its own failures.
 NOT_FOUND = 127
+SSH_FAILED = 255
 # What kvmhost-usb events answers for a --since newer than anything the host gave (its history restarted).
 REFUSED = 2
 # The longest line read from a host; a longer one ends the session.
@@ -323,7 +324,7 @@ async def check_runtimes(hosts: list[Host], settings: Settings) -> None:
     for host, (code, stdout, stderr) in zip(hosts, results):
         if code == 0:
             logger.info("%s: %s", host.name, _text(stdout))
-        elif code == NOT_FOUND or b"not found" in stderr:
+        elif code == NOT_FOUND or (code != SSH_FAILED and b"not found" in stderr):
             missing.append(host.name)
         else:
             logger.warning("%s: cannot check the runtime now (exit %s: %s); following it all the same", host.name, code, _text(stderr))
