@@ -10,7 +10,7 @@ qemu-system-x86 qemu-utils mmdebstrap e2fsprogs
 libvirt-daemon-system libvirt-clients libvirt-dev dnsmasq-base
 umockdev usbutils openssh-client sshpass rsync procps ca-certificates shellcheck patchelf
 wireguard-tools nftables
-chromium"
+chromium openjdk-17-jre-headless"
 missing=""
 for package in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing="$missing $package"
