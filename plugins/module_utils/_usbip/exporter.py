@@ -10,8 +10,9 @@ it (usb-storage would scan the stick first); the port is let go when the export 
 
 A peer is answered only with the exports declared for its address; a connection from any other address is closed at
 once. An accepted import hands the socket to the kernel (``usbip_sockfd``), as usbipd does, and only for a request the
-server (``server.py``) read whole and valid, of a bus id exported to that peer. A peer that lost an import may watch for it (the collection's OP_REQ_WATCH, with the bus id the
-device was at): the exporter tells it the moment the export is back, bound to usbip-host and free for an import again.
+server (``server.py``) read whole and valid, of a bus id exported to that peer. A peer that lost an import may watch for
+it (the collection's OP_REQ_WATCH, with the bus id the device was at): the exporter tells it the moment the export is
+back, bound to usbip-host and free for an import again.
 
 ``main`` is its command line, run by the host runtime as ``kvmhost-usb exporter serve``, with ``list`` (what an
 exporter offers this host) and ``imports`` (this host's imports) beside ``serve``.
