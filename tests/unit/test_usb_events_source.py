@@ -69,7 +69,7 @@ class Hosts:
         (root / "hosts.yml").write_text(INVENTORY)
         common_args = "-o StrictHostKeyChecking=no -o 'ProxyCommand=nc -x proxy %h %p'"
         (root / "group_vars" / "kvm.yml").write_text('ansible_user: admin\nansible_ssh_common_args: "%s"\n' % common_args)
-        (root / "host_vars" / "kvm2.yml").write_text("ansible_host: 192.0.2.12\nansible_port: 2202\nansible_ssh_private_key_file: ~/.ssh/kvm2\n")
+        (root / "host_vars" / "kvm2.yml").write_text("ansible_host: kvm2.example\nansible_port: 2202\nansible_ssh_private_key_file: ~/.ssh/kvm2\n")
         self.inventory = str(root)
         self.script()
 
@@ -93,9 +93,10 @@ def hosts(tmp_path, monkeypatch):
     return Hosts(tmp_path, monkeypatch)
 
 
-def collect(args, count, settle=0.3, timeout=15):
+def collect(args, count, settle=0.3, timeout=15, until=None):
     """Run the source until it has put ``count`` events on its queue, and ``settle`` seconds more (any event then is
-    also returned); then cancel it, as ansible-rulebook does at shutdown."""
+    also returned), or until ``until()`` holds, ``timeout`` at the most; then cancel it, as ansible-rulebook does at
+    shutdown."""
 
     async def run():
         queue = asyncio.Queue()
@@ -113,6 +114,8 @@ def collect(args, count, settle=0.3, timeout=15):
                     raise AssertionError("%d events of %d within %s s: %s" % (len(events), count, timeout, events))
                 events.append(get.result())
             await asyncio.sleep(settle)
+            while until is not None and not until() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             while not queue.empty():
                 events.append(queue.get_nowait())
         finally:
@@ -145,7 +148,7 @@ def test_each_host_is_reached_as_ansible_reaches_it_in_batch_mode_with_a_keepali
     keepalive = ["-o", "ServerAliveInterval=7", "-o", "ServerAliveCountMax=3", "-o", "ConnectTimeout=4"]
     assert reached["kvm1"] == ["ssh", "-T", "-o", "BatchMode=yes", "-l", "admin"] + common + keepalive + ["--", "kvm1.example"]
     key = os.path.expanduser("~/.ssh/kvm2")
-    assert reached["kvm2"] == ["ssh", "-T", "-o", "BatchMode=yes", "-p", "2202", "-l", "admin", "-i", key] + common + keepalive + ["--", "192.0.2.12"]
+    assert reached["kvm2"] == ["ssh", "-T", "-o", "BatchMode=yes", "-p", "2202", "-l", "admin", "-i", key] + common + keepalive + ["--", "kvm2.example"]
     assert [host.name for host in usb_events.load_hosts(usb_events.settings_of(hosts.args(limit="kvm2")))] == ["kvm2"]
 
 
@@ -242,11 +245,11 @@ def test_a_malformed_line_is_logged_and_skipped_and_the_session_goes_on(hosts, c
 def test_two_hosts_are_followed_at_once_and_their_events_carry_their_host(hosts):
     hosts.script(
         kvm1_example={"sessions": [{"lines": [event(1, host="kvm1"), event(2, "attached", host="kvm1")], "hang": True}]},
-        **{"192.0.2.12": {"sessions": [{"lines": [event(1, host="kvm2"), event(2, "link_down", host="kvm2", peer="kvm1")], "pause": 0.05, "hang": True}]}},
+        **{"kvm2.example": {"sessions": [{"lines": [event(1, host="kvm2"), event(2, "link_down", host="kvm2", peer="kvm1")], "pause": 0.05, "hang": True}]}},
     )
     events = collect(hosts.args(history=True), 4)
     assert sorted((item["host"], item["seq"]) for item in events) == [("kvm1", 1), ("kvm1", 2), ("kvm2", 1), ("kvm2", 2)]
-    (kvm2,) = hosts.calls("192.0.2.12", follow=True)
+    (kvm2,) = hosts.calls("kvm2.example", follow=True)
     assert kvm2[kvm2.index("--") - 6:kvm2.index("--")] == ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3", "-o", "ConnectTimeout=10"]
 
 
@@ -287,10 +290,10 @@ def test_kinds_are_asked_of_the_host_and_an_event_filtered_out_still_moves_the_l
 
 def test_a_host_unreachable_at_start_is_followed_all_the_same(hosts, caplog):
     hosts.script(kvm1_example={"sessions": [{"lines": [event(1)], "hang": True}]})
-    events = collect(hosts.args(history=True), 1)
+    events = collect(hosts.args(history=True), 1, until=lambda: hosts.calls("kvm2.example", follow=True))
     assert [item["host"] for item in events] == ["kvm1"]
-    assert "kvm2: cannot check the runtime now (exit 255: ssh: Could not resolve hostname 192.0.2.12" in caplog.text
-    assert hosts.calls("192.0.2.12", follow=True), "kvm2 is tried again"
+    assert "kvm2: cannot check the runtime now (exit 255: ssh: Could not resolve hostname kvm2.example" in caplog.text
+    assert hosts.calls("kvm2.example", follow=True), "kvm2 is tried again"
 
 
 # The errors at start.
@@ -304,7 +307,7 @@ def test_a_pattern_that_matches_no_host_is_an_error(hosts):
 
 def test_a_host_without_the_runtime_is_an_error_that_says_what_to_run(hosts):
     missing = {"rc": 127, "stderr": "bash: line 1: kvmhost-usb: command not found\n"}
-    hosts.script(kvm1_example={"version": missing}, **{"192.0.2.12": {"version": missing}})
+    hosts.script(kvm1_example={"version": missing}, **{"kvm2.example": {"version": missing}})
     message = start_error(hosts.args())
     assert message.startswith("usb_events: kvm1, kvm2 lack(s) the host runtime kvmhost-usb")
     assert "kvmhost.usb.passthrough" in message and "kvmhost.usb.usb_runtime" in message
