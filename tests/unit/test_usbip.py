@@ -302,6 +302,27 @@ def test_an_unplugged_export_keeps_its_port_in_usbip_hosts_match_list_until_anot
     assert lines[-1] == "gave 2-1 back to its driver: it is not 46f4:0001:KING0001"
 
 
+def test_an_export_unplugged_while_the_exporter_binds_it_keeps_its_port(exporter, tmp_path, monkeypatch):
+    """The kernel's "unbind" event of an unplug comes while the device is still in sysfs: the bind the pass tries then
+    fails because the device is gone (played here by the stand-in: the device leaves, then the write fails)."""
+    served, _port, lines, base = exporter
+    match_list = tmp_path / "sys" / "drivers" / "usbip-host" / "match_busid"
+    (base / "driver").unlink()
+    real_write = sysfs.write
+
+    def unplugged_on_bind(path, text):
+        if path.endswith("/bind"):
+            shutil.move(str(base), str(tmp_path / "unplugged"))
+            raise _errors.UsbipError("Cannot write %r to %s: No such device" % (text, path))
+        real_write(path, text)
+
+    monkeypatch.setattr(sysfs, "write", unplugged_on_bind)
+    served.apply()
+    assert match_list.read_text() == "add 2-1"
+    assert served.parked == {"2-1": served.table["exports"][0]} and served.bound == {}
+    assert not [line for line in lines if line.startswith("cannot export")]
+
+
 def test_an_unplugged_export_dropped_from_the_table_lets_its_port_go(exporter, tmp_path):
     served, _port, _lines, base = exporter
     match_list = tmp_path / "sys" / "drivers" / "usbip-host" / "match_busid"

@@ -155,7 +155,12 @@ class Exporter:
                     )
                 self.bound[busid] = export
             except UsbipError as error:
-                self.log("cannot export %s (%s): %s" % (busid, export.get("id"), error))
+                if sysfs.is_present(busid, self.root):
+                    self.log("cannot export %s (%s): %s" % (busid, export.get("id"), error))
+                    continue
+                # Unplugged while this pass read it: its port stays on the match list, as for any export unplugged.
+                self.bound.pop(busid, None)
+                self.parked[busid] = export
         self.remember()
         self.save_state()
 

@@ -137,8 +137,10 @@ def bind(busid, root=SYS_USB):
     try:
         write(os.path.join(root, "drivers", "usbip-host", "bind"), busid)
     except UsbipError:
-        write(os.path.join(root, "drivers", "usbip-host", "match_busid"), "del %s" % busid)
-        write(os.path.join(root, "drivers_probe"), busid)
+        if is_present(busid, root):
+            write(os.path.join(root, "drivers", "usbip-host", "match_busid"), "del %s" % busid)
+            write(os.path.join(root, "drivers_probe"), busid)
+        # else: unplugged meanwhile; the port stays on the match list for the caller to keep or let go
         raise
     return True
 
