@@ -7,6 +7,7 @@ to usbip_sockfd and the vhci attach are exercised on the test host (tests/integr
 
 from __future__ import annotations
 
+import os
 import select
 import shutil
 import socket
@@ -287,7 +288,11 @@ def test_an_unplugged_export_keeps_its_port_in_usbip_hosts_match_list_until_anot
     assert match_list.read_text() == "add 2-1"
     assert served.parked == {"2-1": served.table["exports"][0]} and served.bound == {}
 
-    shutil.move(str(tmp_path / "unplugged"), str(base))  # back at its port, usbip-host its driver already
+    (tmp_path / "unplugged" / "driver").unlink()
+    shutil.move(str(tmp_path / "unplugged"), str(base))  # back at its port, the kernel still probing it (no driver yet)
+    served.apply()
+    assert served.parked and served.bound == {} and served.arriving()
+    os.symlink(str(tmp_path / "sys" / "drivers" / "usbip-host"), str(base / "driver"))  # usbip-host took it
     served.apply()
     assert served.bound == {"2-1": served.table["exports"][0]} and served.parked == {}
     assert lines[-1] == "2-1 (46f4:0001:KING0001) is back at its port: usbip-host took it at once"

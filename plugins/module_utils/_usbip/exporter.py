@@ -145,8 +145,13 @@ class Exporter:
             except UsbipError as error:
                 self.log("cannot give %s back: %s" % (busid, error))
         for busid, export in sorted(wanted.items()):
-            if self.parked.pop(busid, None) == export and sysfs.driver_of(busid, self.root) == "usbip-host":
-                self.log("%s (%s) is back at its port: usbip-host took it at once" % (busid, export.get("id")))
+            if self.parked.get(busid) == export:
+                driver = sysfs.driver_of(busid, self.root)
+                if driver is None:
+                    continue  # the kernel is still probing it (udev says "add" first): its "bind" brings the next pass
+                del self.parked[busid]
+                if driver == "usbip-host":
+                    self.log("%s (%s) is back at its port: usbip-host took it at once" % (busid, export.get("id")))
             try:
                 if sysfs.bind(busid, self.root):
                     self.log(
@@ -163,6 +168,11 @@ class Exporter:
                 self.parked[busid] = export
         self.remember()
         self.save_state()
+
+    def arriving(self):
+        """Whether a parked export's device is back with no driver yet: the pass its driver's "bind" brings is missed
+        only when no driver takes it, so the periodic check makes one."""
+        return any(sysfs.is_present(busid, self.root) and sysfs.driver_of(busid, self.root) is None for busid in self.parked)
 
     def remember(self):
         """Where each export of the table was bound last (``last_at``), one bus id an export: a watch names an export
@@ -351,7 +361,7 @@ class Exporter:
                     # systemd (Type=notify) ends `systemctl restart` here: importers may connect from now on.
                     notify_ready()
                     notified = True
-                if not reloaded and monitor is None:
+                if not reloaded and (monitor is None or self.arriving()):
                     self.apply()
             self.poll(1.0)
 
