@@ -353,19 +353,9 @@ def disturbed(pair: LinkedPair, action) -> tuple[list[str], list[str]]:
     return exporter_journal(pair.a)[exporter_start:], agent_journal(pair.b)[agent_start:]
 
 
-def storage_probes(host: TestHost, port: str) -> int:
-    """How often the host's usb-storage driver probed the device at ``port`` since boot (the kernel's log)."""
-    return host.ssh("journalctl", "-k", "-b", "--no-pager", "-o", "cat").stdout.count("usb-storage %s:1.0: USB Mass Storage device detected" % port)
-
-
 def test_replug_on_a_comes_back_in_the_guest_on_b(pair: LinkedPair, guest_b: str) -> None:
-    port = stick_port(pair)
-    probes = storage_probes(pair.a, port)
     exporter, agent = disturbed(pair, lambda: pair.a.replug("stick"))
-    assert [line for line in exporter if re.search(r"\bexport", line) and port in line], exporter
-    # usbip-host took the stick back at its port before A's usb-storage could probe it.
-    assert "%s (%s) is back at its port: usbip-host took it at once" % (port, STICK) in exporter
-    assert storage_probes(pair.a, port) == probes
+    assert [line for line in exporter if re.search(r"\bexport", line) and stick_port(pair) in line], exporter
     assert [line for line in agent if "import" in line and A_NAME in line], agent
     assert [line for line in agent if line.startswith("attached %s" % STICK)], agent
 

@@ -4,15 +4,11 @@
 """The USB/IP exporter of a KVM host (the service ``kvmhost-usb-exporter``), in place of ``usbipd``.
 
 It binds each present device of the exports table to ``usbip-host``, again after a replug, gives back the devices no
-longer exported, and listens on the host's link address only. An export unplugged keeps its port in usbip-host's match
-list, so that usbip-host takes the device the moment it is plugged back in there, before the host's own driver probes
-it (usb-storage would scan the stick first); the port is let go when the export goes or another device comes to it.
-
-A peer is answered only with the exports declared for its address; a connection from any other address is closed at
-once. An accepted import hands the socket to the kernel (``usbip_sockfd``), as usbipd does, and only for a request the
-server (``server.py``) read whole and valid, of a bus id exported to that peer. A peer that lost an import may watch for
-it (the collection's OP_REQ_WATCH, with the bus id the device was at): the exporter tells it the moment the export is
-back, bound to usbip-host and free for an import again.
+longer exported, and listens on the host's link address only. A peer is answered only with the exports declared for its
+address; a connection from any other address is closed at once. An accepted import hands the socket to the kernel
+(``usbip_sockfd``), as usbipd does, and only for a request the server (``server.py``) read whole and valid, of a bus id
+exported to that peer. A peer that lost an import may watch for it (the collection's OP_REQ_WATCH, with the bus id the
+device was at): the exporter tells it the moment the export is back, bound to usbip-host and free for an import again.
 
 ``main`` is its command line, run by the host runtime as ``kvmhost-usb exporter serve``, with ``list`` (what an
 exporter offers this host) and ``imports`` (this host's imports) beside ``serve``.
@@ -55,7 +51,6 @@ class Exporter:
         self.table = {"listen": None, "port": USBIP_PORT, "exports": []}
         self.mtime = None
         self.bound = self.load_state()  # busid -> export
-        self.parked = {}  # busid -> export: the ports of exports unplugged, kept in usbip-host's match list
         self.last_at = {}  # busid -> export: where each export's device was bound last, kept while it is away
         self.missing = set()
         self.selector = selectors.DefaultSelector()
@@ -124,34 +119,12 @@ class Exporter:
         wanted = self.resolve()
         for busid in sorted(set(self.bound) - set(wanted)):
             export = self.bound.pop(busid)
-            if export in self.table["exports"] and not sysfs.is_present(busid, self.root):
-                # Unplugged: usbip-host keeps the port in its match list and takes the device the moment it is plugged
-                # back in there, before a driver of the host's own (usb-storage) probes it.
-                self.parked[busid] = export
-                continue
             try:
                 if sysfs.unbind(busid, self.root):
                     self.log("gave %s (%s) back to its driver: no longer exported" % (busid, export.get("id")))
             except UsbipError as error:
                 self.log("cannot give %s back: %s" % (busid, error))
-        for busid in sorted(set(self.parked) - set(wanted)):
-            if self.parked[busid] in self.table["exports"] and not sysfs.is_present(busid, self.root):
-                continue
-            # The export went, or another device came to the port: usbip-host lets the port go.
-            export = self.parked.pop(busid)
-            try:
-                if sysfs.unbind(busid, self.root):
-                    self.log("gave %s back to its driver: it is not %s" % (busid, export.get("id")))
-            except UsbipError as error:
-                self.log("cannot give %s back: %s" % (busid, error))
         for busid, export in sorted(wanted.items()):
-            if self.parked.get(busid) == export:
-                driver = sysfs.driver_of(busid, self.root)
-                if driver is None:
-                    continue  # the kernel is still probing it (udev says "add" first): its "bind" brings the next pass
-                del self.parked[busid]
-                if driver == "usbip-host":
-                    self.log("%s (%s) is back at its port: usbip-host took it at once" % (busid, export.get("id")))
             try:
                 if sysfs.bind(busid, self.root):
                     self.log(
@@ -160,19 +133,9 @@ class Exporter:
                     )
                 self.bound[busid] = export
             except UsbipError as error:
-                if sysfs.is_present(busid, self.root):
-                    self.log("cannot export %s (%s): %s" % (busid, export.get("id"), error))
-                    continue
-                # Unplugged while this pass read it: its port stays on the match list, as for any export unplugged.
-                self.bound.pop(busid, None)
-                self.parked[busid] = export
+                self.log("cannot export %s (%s): %s" % (busid, export.get("id"), error))
         self.remember()
         self.save_state()
-
-    def arriving(self):
-        """Whether a parked export's device is back with no driver yet: the pass its driver's "bind" brings is missed
-        only when no driver takes it, so the periodic check makes one."""
-        return any(sysfs.is_present(busid, self.root) and sysfs.driver_of(busid, self.root) is None for busid in self.parked)
 
     def remember(self):
         """Where each export of the table was bound last (``last_at``), one bus id an export: a watch names an export
@@ -194,7 +157,7 @@ class Exporter:
         try:
             os.makedirs(os.path.dirname(self.state), exist_ok=True)
             with open(self.state + ".tmp", "w") as handle:
-                json.dump(sorted(set(self.bound) | set(self.parked)), handle)
+                json.dump(sorted(self.bound), handle)
             os.rename(self.state + ".tmp", self.state)
         except OSError as error:
             self.log("cannot record the bound devices in %s: %s" % (self.state, error))
@@ -361,7 +324,7 @@ class Exporter:
                     # systemd (Type=notify) ends `systemctl restart` here: importers may connect from now on.
                     notify_ready()
                     notified = True
-                if not reloaded and (monitor is None or self.arriving()):
+                if not reloaded and monitor is None:
                     self.apply()
             self.poll(1.0)
 

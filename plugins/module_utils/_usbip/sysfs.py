@@ -113,10 +113,6 @@ def local_devices(root=SYS_USB):
     return found
 
 
-def is_present(busid, root=SYS_USB):
-    return os.path.isdir(os.path.join(root, "devices", busid))
-
-
 def driver_of(busid, root=SYS_USB):
     try:
         return os.path.basename(os.readlink(os.path.join(root, "devices", busid, "driver")))
@@ -137,10 +133,8 @@ def bind(busid, root=SYS_USB):
     try:
         write(os.path.join(root, "drivers", "usbip-host", "bind"), busid)
     except UsbipError:
-        if is_present(busid, root):
-            write(os.path.join(root, "drivers", "usbip-host", "match_busid"), "del %s" % busid)
-            write(os.path.join(root, "drivers_probe"), busid)
-        # else: unplugged meanwhile; the port stays on the match list for the caller to keep or let go
+        write(os.path.join(root, "drivers", "usbip-host", "match_busid"), "del %s" % busid)
+        write(os.path.join(root, "drivers_probe"), busid)
         raise
     return True
 
@@ -155,7 +149,7 @@ def unbind(busid, root=SYS_USB):
             write(os.path.join(root, "drivers", "usbip-host", "match_busid"), "del %s" % busid)
         except UsbipError:
             pass  # not in the table
-    if bound and is_present(busid, root):
+    if bound and os.path.isdir(os.path.join(root, "devices", busid)):
         write(os.path.join(root, "drivers_probe"), busid)
     return bound
 
