@@ -11,7 +11,7 @@ description:
   - Reads C(usb_passthrough) of every other host of the inventory and returns the devices they declare with
     C(host) naming this host, one export each, as M(kvmhost.usb.usb_export) takes them. The declared state of the
     fleet stays one inventory; the R(kvmhost.usb.passthrough,ansible_collections.kvmhost.usb.passthrough_role) role calls it.
-  - With O(reached), places the domains of C(usb_fleet) first, as the filter M(kvmhost.usb.usb_fleet) does, and reads
+  - With O(reached), places the domains of C(usb_fleet) first, as the filter P(kvmhost.usb.usb_fleet#filter) does, and reads
     each host's C(usb_passthrough) with the domains of C(usb_fleet) defined on it; the placing's errors are conflicts.
   - An importer's address is its C(usb_link_address), else its C(ansible_host), else its inventory name.
   - Fails when a host's C(usb_passthrough) is malformed, with the message the modules give.

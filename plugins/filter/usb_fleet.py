@@ -21,7 +21,7 @@ description:
     none of the hosts that declare it when all of them were looked at, and a domain found on no host of O(reached)
     whose device is plugged into one of them (the host it is defined on is not in the play, as with C(--limit)).
     Found on no host of O(reached) otherwise, a domain is left alone (RV(_value.unplaced)).
-  - The filter M(kvmhost.usb.usb_exports), given the hosts of the play, places C(usb_fleet) the same way; the
+  - The filter P(kvmhost.usb.usb_exports#filter), given the hosts of the play, places C(usb_fleet) the same way; the
     R(kvmhost.usb.passthrough,ansible_collections.kvmhost.usb.passthrough_role) role calls that one. This one shows a
     host's declared state, as the probe playbook does.
 author:
