@@ -164,8 +164,7 @@ def reconcile(conn, uri="qemu:///system", check_mode=False, importer=None, repor
         if _crosshost.remote_entries(planner.model) or (importer is not None and (importer.records or importer.pending)):
             importer = importer if importer is not None else _crosshost.Imports(check_mode, IMPORT_TIMEOUT)
             planner.imports = importer
-            imported_lines, _imported = importer.keep(planner.model)
-            lines.extend(imported_lines)
+            lines.extend(importer.keep(planner.model))
         planner.enumerate()
         planner.model.domains = domains
         if report is not None:

@@ -197,12 +197,10 @@ class Imports:
                 self._act(name, "imported %s at vhci port %s" % (describe(selector), record.get("vhci_port")))
             self.records[key] = record
 
-    def keep(self, model: Any) -> tuple[list[str], bool]:
+    def keep(self, model: Any) -> list[str]:
         """The agent's pass: import again the devices the domains' intent names from other hosts that this host no
-        longer holds. ``(lines, imported)``: the lines to log, and whether a device was imported (the host must be read
-        again)."""
+        longer holds (the agent reads the host's devices after it). The lines to log."""
         lines = []
-        imported = False
         standing = standing_imports()
         wanted = [(domain, entry, remote_selector(entry)) for domain, entry in remote_entries(model)]
         held, self.records = self.records, {}
@@ -231,7 +229,6 @@ class Imports:
                     self._note_away(key, entry, selector, error)
                     continue
                 self.failing.pop(key, None)
-                imported = True
                 where = "vhci port %d, local port %s" % (record["vhci_port"], record.get("local_port"))
                 lines.append("imported %s from %s for %s (%s)" % (entry["id"], source(entry), domain.name, where))
             self.away.pop(key, None)
@@ -241,7 +238,7 @@ class Imports:
             for key in [key for key in kept if key not in found]:
                 del kept[key]
         self.back.clear()
-        return lines, imported
+        return lines
 
     def _note_away(self, key: tuple, entry: dict, selector: dict, error: UsbipError) -> None:
         """Note in ``away`` an import that failed because its exporter has the device away, when the bus id it was at
